@@ -1,0 +1,181 @@
+"""MGRAD-UNet: encoder, RFBs, the two differential decoders and the gate-control feedback (eq. 7)."""
+
+from typing import List, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from monai.networks.layers.factories import Pool
+
+from mgrad_net.networks.blocks import RFB, ResidualStage, conv_norm_act
+from mgrad_net.networks.decoders import GRADDecoder, MSDDecoder, SideOutputs
+
+__all__ = ["MGRADOutput", "MGRADUNet"]
+
+# The decoders are written for five levels (x_1..x_5), as in the paper.
+LEVELS = 5
+
+
+class MGRADOutput(NamedTuple):
+    """What one training-mode pass of :class:`MGRADUNet` returns.
+
+    Lists of per-level tensors run from the finest level (full resolution) to the coarsest.
+
+    Attributes:
+        p1: logits of decoder 1 (MSD), B×K×spatial.
+        p2: logits of decoder 2 (GRAD), B×K×spatial.
+        side: the side outputs S_1..S_5 (eq. 3), each B×K×spatial at full resolution; empty when
+            the network was built with ``side_outputs=False``.
+        msd: decoder 1's features M_1..M_5 (the gates of decoder 2, and half of the feedback).
+        grad: decoder 2's features G_1..G_5 (the other half of the feedback).
+        features: the RFB features R_i the decoders saw, feedback included (R_i + F_i).
+    """
+
+    p1: torch.Tensor
+    p2: torch.Tensor
+    side: List[torch.Tensor]
+    msd: List[torch.Tensor]
+    grad: List[torch.Tensor]
+    features: List[torch.Tensor]
+
+
+class MGRADUNet(nn.Module):
+    """MGRAD-UNet, the multi-scale differential network with multiple gated reverse attention.
+
+    Yan, Yang & Chen, "A differential network with multiple gated reverse attention for medical
+    image segmentation", Scientific Reports 14:20274 (2024). Five residual encoder stages with
+    2× max-pooling between them; a receptive field block (RFB) per stage reduces each to
+    ``decoder_channels``; decoder 1 (:class:`MSDDecoder`) predicts P_1 from multi-scale
+    differences; decoder 2 (:class:`GRADDecoder`), gated by decoder 1, predicts P_2; side
+    outputs of decoder 1 (:class:`SideOutputs`) feed the aggregated loss; the difference of the
+    two decoders' features, λ·(G_i − M_i), is fed back into the RFB features of the next pass (eq. 7).
+
+    Where the paper and the published code disagree this follows the code (see SPEC.md): DP
+    without input convolutions, a sum in GRAD's first differences, feedback added after the RFB.
+
+    Output contract:
+        - eval mode: ``net(x)`` returns the logits ``P_1 + P_2`` (B×K×spatial), so MONAI inferers,
+          tracing, scripting and ONNX export need no special case. With ``inference_passes`` > 1 the
+          network runs that many passes, each fed with the previous one's feedback, and returns
+          the last pass's logits.
+        - train mode: ``net(x)`` returns an :class:`MGRADOutput`; ``net.feedback(out)`` gives the
+          detached feedback for the next pass, ``net(x, feedback=f)`` applies it.
+
+    Args:
+        spatial_dims: number of spatial dimensions (2 as in the paper; 3 builds a volumetric variant).
+        in_channels: number of input channels.
+        out_channels: number of classes K, background included.
+        features: widths of the five encoder stages.
+        decoder_channels: width of the RFB outputs and of both decoders.
+        use_rfb: use RFBs; ``False`` is the paper's ablation, a 1×1 conv-norm-act projection instead.
+        side_outputs: build the side outputs; ``False`` is the paper's "no SideConv" ablation.
+        feedback_weight: λ of eq. 7.
+        norm: feature normalisation type and arguments.
+        act: activation type and arguments.
+        inference_passes: passes run in eval mode, each after the first fed with the previous
+            pass's feedback; 1 is the published behaviour.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 9,
+        features: Sequence[int] = (64, 128, 256, 512, 1024),
+        decoder_channels: int = 64,
+        use_rfb: bool = True,
+        side_outputs: bool = True,
+        feedback_weight: float = 1e-3,
+        norm: Union[tuple, str] = "batch",
+        act: Union[tuple, str] = "relu",
+        inference_passes: int = 1,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
+        if len(features) != LEVELS:
+            raise ValueError(f"features must hold {LEVELS} encoder widths, got {tuple(features)}.")
+        if inference_passes < 1:
+            raise ValueError(f"inference_passes must be at least 1, got {inference_passes}.")
+        self.spatial_dims = spatial_dims
+        self.levels = LEVELS
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.feedback_weight = float(feedback_weight)
+        self.inference_passes = int(inference_passes)
+        self.size_divisor = 2 ** (self.levels - 1)
+
+        widths = [in_channels] + list(features)
+        self.encoder = nn.ModuleList(
+            [ResidualStage(spatial_dims, widths[i], widths[i + 1], norm, act) for i in range(self.levels)]
+        )
+        self.pool = Pool["max", spatial_dims](kernel_size=2)
+        if use_rfb:
+            self.rfbs = nn.ModuleList([RFB(spatial_dims, f, decoder_channels, norm, act) for f in features])
+        else:
+            self.rfbs = nn.ModuleList(
+                [conv_norm_act(spatial_dims, f, decoder_channels, 1, norm, act) for f in features]
+            )
+        self.msd = MSDDecoder(spatial_dims, decoder_channels, out_channels, norm, act)
+        self.grad = GRADDecoder(spatial_dims, decoder_channels, out_channels, norm, act)
+        self.side = SideOutputs(spatial_dims, decoder_channels, out_channels, self.levels if side_outputs else 0)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(
+                "MGRADUNet(spatial_dims={}) expects a {}-D input (batch, channels, {} spatial), got shape {}.".format(
+                    self.spatial_dims, self.spatial_dims + 2, self.spatial_dims, list(x.shape)
+                )
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                "MGRADUNet expects {} input channel(s) (in_channels), got {} in shape {}.".format(
+                    self.in_channels, x.shape[1], list(x.shape)
+                )
+            )
+        for size in x.shape[2:]:
+            if size % self.size_divisor != 0 or size == 0:
+                raise ValueError(
+                    "MGRADUNet needs every spatial size divisible by {} (four 2x poolings), got shape {}.".format(
+                        self.size_divisor, list(x.shape)
+                    )
+                )
+
+    def forward_all(self, x: torch.Tensor, feedback: Optional[List[torch.Tensor]] = None) -> MGRADOutput:
+        """One pass, whatever the mode: the full :class:`MGRADOutput`.
+
+        Args:
+            x: input, B×C_in×spatial.
+            feedback: F_1..F_5 from :meth:`feedback` of the previous pass, added to the RFB
+                features (eq. 7); ``None`` for a first pass.
+        """
+        if not torch.jit.is_tracing():
+            # a traced graph keeps no Python branches; the shape checks would only warn there
+            self._check_input(x)
+        e = x
+        r: List[torch.Tensor] = []
+        for i, (stage, rfb) in enumerate(zip(self.encoder, self.rfbs)):
+            if i > 0:
+                e = self.pool(e)
+            e = stage(e)
+            r.append(rfb(e))
+        if feedback is not None:
+            if len(feedback) != self.levels:
+                raise ValueError("feedback must hold {} tensors, got {}.".format(self.levels, len(feedback)))
+            r = [r[i] + feedback[i] for i in range(self.levels)]
+        p1, m = self.msd(r)
+        p2, g = self.grad(r, m)
+        return MGRADOutput(p1, p2, self.side(m), m, g, r)
+
+    def forward(
+        self, x: torch.Tensor, feedback: Optional[List[torch.Tensor]] = None
+    ) -> Union[torch.Tensor, MGRADOutput]:
+        out = self.forward_all(x, feedback)
+        if self.training:
+            return out
+        for _ in range(self.inference_passes - 1):
+            out = self.forward_all(x, self.feedback(out))
+        return out.p1 + out.p2
+
+    def feedback(self, out: MGRADOutput) -> List[torch.Tensor]:
+        """The feedback F_i = λ·(G_i − M_i) of eq. 7 for the next pass, detached from the graph."""
+        return [(self.feedback_weight * (g - m)).detach() for m, g in zip(out.msd, out.grad)]
