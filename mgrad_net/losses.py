@@ -1,0 +1,197 @@
+"""MGRAD-UNet's losses (Yan, Yang & Chen, Sci. Rep. 2024, eqs. 9–13 and Algorithm 1).
+
+- :class:`SegmentationLoss`: L_seg = λ_dice·Dice + λ_ce·CE (eq. 9) on logits.
+- :class:`AggregatedLoss`: Σ over the 2^n − 1 non-empty subsets s of the side outputs of
+  L_seg(Σ_{i∈s} S_i) (eq. 11, Algorithm 1).
+- :class:`WeightedSideLoss`: Σ w_i·L_seg(S_i) (eq. 13).
+- :class:`MGRADLoss`: L_seg(P_1) + L_seg(P_2) + one of the two side losses.
+
+Targets may be class indices (B×1×spatial) or one-hot (B×K×spatial).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence, Union
+
+import torch
+import torch.nn as nn
+from monai.losses import DiceCELoss
+from monai.networks.utils import one_hot
+
+from mgrad_net.networks.mgrad_unet import MGRADOutput
+
+__all__ = ["SegmentationLoss", "AggregatedLoss", "WeightedSideLoss", "MGRADLoss", "subset_matrix"]
+
+
+def subset_matrix(n: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (2^n − 1)×n 0/1 matrix whose rows are the non-empty subsets of n items, smallest first."""
+    rows = [c for k in range(1, n + 1) for c in itertools.combinations(range(n), k)]
+    mat = torch.zeros(len(rows), n, dtype=dtype, device=device)
+    for r, members in enumerate(rows):
+        mat[r, list(members)] = 1
+    return mat
+
+
+class SegmentationLoss(DiceCELoss):
+    """L_seg of eq. 9: ``lambda_dice``·Dice(softmax(logits)) + ``lambda_ce``·CE(logits).
+
+    The paper's text gives 0.3·Dice + 0.7·CE; the published training code computes
+    0.3·CE + 0.7·Dice, and that produced the paper's tables, so the defaults follow the code.
+    The Dice term is the published code's as well: softmax probabilities, background included,
+    squared terms in the denominator, each class pooled over the whole batch, smoothing 1e-5,
+    mean over classes.
+
+    Args:
+        lambda_dice: weight of the Dice term.
+        lambda_ce: weight of the cross-entropy term.
+        include_background: include class 0 in the Dice term.
+        squared_pred: square probabilities and targets in the Dice denominator.
+        batch: pool each class over the batch before the Dice ratio (``False``: per sample).
+        smooth: added to the Dice numerator and denominator.
+    """
+
+    def __init__(
+        self,
+        lambda_dice: float = 0.7,
+        lambda_ce: float = 0.3,
+        include_background: bool = True,
+        squared_pred: bool = True,
+        batch: bool = True,
+        smooth: float = 1e-5,
+    ) -> None:
+        super().__init__(
+            include_background=include_background,
+            softmax=True,
+            squared_pred=squared_pred,
+            batch=batch,
+            smooth_nr=smooth,
+            smooth_dr=smooth,
+            lambda_dice=lambda_dice,
+            lambda_ce=lambda_ce,
+        )
+        self.batch = batch
+        self.config = dict(
+            lambda_dice=lambda_dice,
+            lambda_ce=lambda_ce,
+            include_background=include_background,
+            squared_pred=squared_pred,
+            smooth=smooth,
+        )
+
+    @staticmethod
+    def as_one_hot(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``target`` as a one-hot tensor shaped like ``logits``, from class indices or one-hot."""
+        classes = logits.shape[1]
+        if target.shape[1] == 1 and classes > 1:
+            return one_hot(target, num_classes=classes, dim=1, dtype=logits.dtype)
+        if target.shape[1] != classes:
+            raise ValueError(
+                f"target has {target.shape[1]} channels: expected 1 (class indices) or {classes} (one-hot), "
+                f"for logits of shape {tuple(logits.shape)}."
+            )
+        return target.to(logits.dtype)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return super().forward(input, self.as_one_hot(input, target))
+
+
+class AggregatedLoss(nn.Module):
+    """Aggregated loss (eq. 11, Algorithm 1): Σ_{s ⊆ {1..n}, s ≠ ∅} L_seg(Σ_{i∈s} S_i).
+
+    All 2^n − 1 subset sums are formed at once with a subset matrix and scored in one call of
+    ``seg_loss``: the subsets are stacked as extra samples (per-sample Dice) or, for the
+    batch-pooled Dice, as samples whose voxels are the whole batch. Both give each subset's
+    own loss, and the mean over subsets times their count is the sum Algorithm 1 takes.
+
+    Args:
+        seg_loss: the loss applied to every subset sum; a :class:`SegmentationLoss` by default.
+    """
+
+    def __init__(self, seg_loss: SegmentationLoss | None = None) -> None:
+        super().__init__()
+        self.seg_loss = seg_loss if seg_loss is not None else SegmentationLoss()
+        # scores the folded subsets: one "sample" per subset (batch pooling, if any, is in the fold)
+        self.per_subset = SegmentationLoss(batch=False, **self.seg_loss.config)
+
+    def forward(self, side: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if len(side) == 0:
+            raise ValueError("AggregatedLoss needs at least one side output, got none.")
+        stacked = torch.stack(list(side))  # n×B×K×spatial
+        n, b, k = stacked.shape[:3]
+        subsets = subset_matrix(n, stacked.device, stacked.dtype)
+        sums = torch.einsum("sn,n...->s...", subsets, stacked)  # S×B×K×spatial
+        s = sums.shape[0]
+        onehot = self.seg_loss.as_one_hot(side[0], target).unsqueeze(0).expand_as(sums)
+        if self.seg_loss.batch:
+            # each subset becomes one "sample" whose voxels are all of the batch's
+            fold = lambda t: t.transpose(1, 2).reshape(s, k, -1)  # noqa: E731
+        else:
+            fold = lambda t: t.reshape(s * b, k, -1)  # noqa: E731
+        return s * self.per_subset(fold(sums), fold(onehot))
+
+
+class WeightedSideLoss(nn.Module):
+    """Weighted side loss (eq. 13): Σ_i w_i·L_seg(S_i), the paper's Table 5 alternative.
+
+    The paper does not give the w_i; the default weighs every side output 1.
+
+    Args:
+        weights: w_1..w_n, one per side output (finest first).
+        seg_loss: the loss applied to each side output; a :class:`SegmentationLoss` by default.
+    """
+
+    def __init__(self, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0, 1.0), seg_loss: SegmentationLoss | None = None):
+        super().__init__()
+        self.weights = [float(w) for w in weights]
+        self.seg_loss = seg_loss if seg_loss is not None else SegmentationLoss()
+
+    def forward(self, side: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if len(side) != len(self.weights):
+            raise ValueError(f"WeightedSideLoss has {len(self.weights)} weights but got {len(side)} side outputs.")
+        return sum(w * self.seg_loss(s, target) for w, s in zip(self.weights, side))
+
+
+class MGRADLoss(nn.Module):
+    """The total MGRAD-UNet loss: L_seg(P_1) + L_seg(P_2) + side loss (eqs. 10–13).
+
+    Given a plain logits tensor instead of an :class:`MGRADOutput` (a baseline network, or the
+    eval-mode output) it returns L_seg of that tensor, so one loss serves every network a bundle
+    can swap in.
+
+    Args:
+        lambda_dice: weight of the Dice term of L_seg.
+        lambda_ce: weight of the cross-entropy term of L_seg.
+        side_loss: ``"aggregated"`` (the paper's default), ``"weighted"`` (Table 5) or ``"none"``.
+        side_weights: w_i of the weighted side loss.
+        batch: Dice pooled over the batch (the published code) or per sample.
+    """
+
+    def __init__(
+        self,
+        lambda_dice: float = 0.7,
+        lambda_ce: float = 0.3,
+        side_loss: str = "aggregated",
+        side_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0, 1.0),
+        batch: bool = True,
+    ) -> None:
+        super().__init__()
+        self.seg_loss = SegmentationLoss(lambda_dice=lambda_dice, lambda_ce=lambda_ce, batch=batch)
+        self.side_loss: nn.Module | None
+        if side_loss == "aggregated":
+            self.side_loss = AggregatedLoss(self.seg_loss)
+        elif side_loss == "weighted":
+            self.side_loss = WeightedSideLoss(side_weights, self.seg_loss)
+        elif side_loss == "none":
+            self.side_loss = None
+        else:
+            raise ValueError(f"side_loss must be 'aggregated', 'weighted' or 'none', got {side_loss!r}.")
+
+    def forward(self, output: Union[MGRADOutput, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, torch.Tensor):
+            return self.seg_loss(output, target)
+        target = self.seg_loss.as_one_hot(output.p1, target)
+        loss = self.seg_loss(output.p1, target) + self.seg_loss(output.p2, target)
+        if self.side_loss is not None and len(output.side) > 0:
+            loss = loss + self.side_loss(output.side, target)
+        return loss
