@@ -1,0 +1,105 @@
+"""Losses: eq. 9 as the published code computes it, the aggregated loss against brute force."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mgrad_net.losses import AggregatedLoss, MGRADLoss, SegmentationLoss, WeightedSideLoss, subset_matrix
+from mgrad_net.networks import MGRADOutput
+
+
+def published_seg_loss(logits, target, w_dice=0.7, w_ce=0.3):
+    """Eq. 9 written out independently: TransUNet-style batch-pooled squared Dice + CE."""
+    k = logits.shape[1]
+    prob = torch.softmax(logits, 1)
+    onehot = F.one_hot(target[:, 0].long(), k).movedim(-1, 1).float()
+    dice = 0.0
+    for c in range(k):
+        p, t = prob[:, c], onehot[:, c]
+        dice += 1 - (2 * (p * t).sum() + 1e-5) / ((p * p).sum() + (t * t).sum() + 1e-5)
+    return w_dice * dice / k + w_ce * F.cross_entropy(logits, target[:, 0].long())
+
+
+def test_subset_matrix_lists_every_nonempty_subset_once():
+    m = subset_matrix(5)
+    assert m.shape == (31, 5)
+    assert len({tuple(r.tolist()) for r in m}) == 31 and m.sum(1).min() == 1
+
+
+def test_segmentation_loss_matches_published_formula():
+    logits, target = torch.randn(3, 4, 16, 16), torch.randint(0, 4, (3, 1, 16, 16))
+    torch.testing.assert_close(SegmentationLoss()(logits, target), published_seg_loss(logits, target))
+    torch.testing.assert_close(
+        SegmentationLoss(lambda_dice=0.3, lambda_ce=0.7)(logits, target), published_seg_loss(logits, target, 0.3, 0.7)
+    )
+
+
+def test_index_and_one_hot_targets_give_the_same_loss():
+    logits, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))
+    onehot = F.one_hot(target[:, 0], 3).movedim(-1, 1)
+    loss = SegmentationLoss()
+    torch.testing.assert_close(loss(logits, target), loss(logits, onehot))
+    side = [torch.randn(2, 3, 8, 8) for _ in range(5)]
+    torch.testing.assert_close(AggregatedLoss()(side, target), AggregatedLoss()(side, onehot))
+
+
+def test_target_with_wrong_channel_count_is_rejected():
+    with pytest.raises(ValueError, match="expected 1 \\(class indices\\) or 3"):
+        SegmentationLoss()(torch.randn(1, 3, 8, 8), torch.zeros(1, 2, 8, 8))
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_aggregated_loss_equals_brute_force_over_31_subsets(batch):
+    side = [torch.randn(2, 4, 16, 16, requires_grad=True) for _ in range(5)]
+    target = torch.randint(0, 4, (2, 1, 16, 16))
+    seg = SegmentationLoss(batch=batch)
+    batched = AggregatedLoss(seg)(side, target)
+    brute = sum(
+        seg(sum(side[i] for i in subset), target)
+        for k in range(1, 6)
+        for subset in itertools.combinations(range(5), k)
+    )
+    torch.testing.assert_close(batched, brute)
+    g_batched = torch.autograd.grad(batched, side)
+    g_brute = torch.autograd.grad(brute, side)
+    for a, b in zip(g_batched, g_brute):
+        torch.testing.assert_close(a, b)
+
+
+def test_weighted_side_loss_is_weighted_sum():
+    side = [torch.randn(1, 2, 8, 8) for _ in range(5)]
+    target = torch.randint(0, 2, (1, 1, 8, 8))
+    w = (0.1, 0.2, 0.3, 0.4, 0.5)
+    seg = SegmentationLoss()
+    expected = sum(wi * seg(s, target) for wi, s in zip(w, side))
+    torch.testing.assert_close(WeightedSideLoss(w)(side, target), expected)
+    with pytest.raises(ValueError, match="5 weights but got 2"):
+        WeightedSideLoss(w)(side[:2], target)
+
+
+def _output(k=3, side=5):
+    t = lambda: torch.randn(2, k, 16, 16)  # noqa: E731
+    return MGRADOutput(t(), t(), [t() for _ in range(side)], [], [], [])
+
+
+def test_total_loss_combines_both_predictions_and_the_side_loss():
+    out, target = _output(), torch.randint(0, 3, (2, 1, 16, 16))
+    seg = SegmentationLoss()
+    sup = seg(out.p1, target) + seg(out.p2, target)
+    torch.testing.assert_close(MGRADLoss(side_loss="none")(out, target), sup)
+    torch.testing.assert_close(MGRADLoss()(out, target), sup + AggregatedLoss()(out.side, target))
+    torch.testing.assert_close(
+        MGRADLoss(side_loss="weighted")(out, target), sup + WeightedSideLoss()(out.side, target)
+    )
+    # a network built without side outputs: only the supervised part
+    bare = _output(side=0)
+    torch.testing.assert_close(MGRADLoss()(bare, target), seg(bare.p1, target) + seg(bare.p2, target))
+
+
+def test_total_loss_of_plain_logits_is_the_segmentation_loss():
+    logits, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))
+    torch.testing.assert_close(MGRADLoss()(logits, target), SegmentationLoss()(logits, target))
+    with pytest.raises(ValueError, match="side_loss"):
+        MGRADLoss(side_loss="sum")
