@@ -161,3 +161,16 @@ def test_bad_constructor_arguments_raise():
         MGRADUNet(features=(4, 8, 16, 32))
     with pytest.raises(ValueError, match="inference_passes"):
         tiny_net(inference_passes=0)
+
+
+def test_monai_inferers_use_the_eval_network_unchanged():
+    from monai.inferers import SliceInferer, SlidingWindowInferer
+
+    net = tiny_net(out_channels=3).eval()
+    volume = torch.randn(1, 1, 48, 40, 5)  # five axial slices, in-plane larger than the ROI
+    with torch.no_grad():
+        by_slice = SliceInferer(roi_size=(32, 32), spatial_dim=2, sw_batch_size=4, overlap=0.5)(volume, net)
+        assert by_slice.shape == (1, 3, 48, 40, 5)
+        whole = torch.randn(2, 1, 64, 64)
+        windowed = SlidingWindowInferer(roi_size=(64, 64), sw_batch_size=2)(whole, net)
+        torch.testing.assert_close(windowed, net(whole))
