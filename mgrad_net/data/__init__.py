@@ -1,5 +1,15 @@
-"""Data: synthetic phantoms (and, later, datalist reading and validation)."""
+"""Data: datalists, the synthetic default data set, and phantoms for tests."""
 
+from mgrad_net.data.datalist import load_datalist, pair_folder
+from mgrad_net.data.phantoms import PHANTOM_CLASSES, short_axis_phantom, write_phantom_dataset
 from mgrad_net.data.synthetic import synthetic_disks, write_synthetic_dataset
 
-__all__ = ["synthetic_disks", "write_synthetic_dataset"]
+__all__ = [
+    "load_datalist",
+    "pair_folder",
+    "PHANTOM_CLASSES",
+    "short_axis_phantom",
+    "write_phantom_dataset",
+    "synthetic_disks",
+    "write_synthetic_dataset",
+]

@@ -1,0 +1,99 @@
+"""Reading a data set the way the bundle's configs name it: ``dataset_dir`` + ``datalist``.
+
+A data set is either a Decathlon-style datalist JSON (``training`` / ``validation`` / ``test``
+lists of ``{"image": …, "label": …}``, paths relative to ``dataset_dir``) or a folder of NIfTI
+pairs. The bundle's embedded default, the synthetic phantoms, is written on first use into its
+own folder; any other ``dataset_dir`` must exist.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from monai.data import load_decathlon_datalist
+
+from mgrad_net.data.phantoms import write_phantom_dataset
+
+__all__ = ["load_datalist", "pair_folder", "LABEL_SUFFIXES"]
+
+# how a label file is named beside its image: ACDC's "_gt", then common alternatives
+LABEL_SUFFIXES = ("_gt", "_seg", "_label")
+_NIFTI = (".nii.gz", ".nii")
+
+
+def _stem(path: Path) -> str:
+    for ext in _NIFTI:
+        if path.name.endswith(ext):
+            return path.name[: -len(ext)]
+    return path.stem
+
+
+def pair_folder(folder: str | Path, require_labels: bool = True) -> list[dict[str, str]]:
+    """Image/label pairs of a folder: ``X.nii.gz`` with ``X_gt.nii.gz`` (or ``_seg``, ``_label``).
+
+    Raises ``FileNotFoundError`` naming every image without a label when ``require_labels``.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(_NIFTI) and not p.name.startswith("."))
+    stems = {_stem(p): p for p in files}
+    pairs, unpaired = [], []
+    for stem, path in stems.items():
+        if stem.endswith(LABEL_SUFFIXES):
+            continue
+        label = next((stems[stem + s] for s in LABEL_SUFFIXES if stem + s in stems), None)
+        if label is None:
+            if require_labels:
+                unpaired.append(str(path))
+            else:
+                pairs.append({"image": str(path)})
+            continue
+        pairs.append({"image": str(path), "label": str(label)})
+    if unpaired:
+        raise FileNotFoundError(
+            f"no label file ({', '.join('<name>' + s + '.nii.gz' for s in LABEL_SUFFIXES)}) for: " + "; ".join(unpaired)
+        )
+    return pairs
+
+
+def load_datalist(
+    dataset_dir: str | os.PathLike,
+    datalist: str | os.PathLike | None = None,
+    section: str = "training",
+    synthetic_dir: str | os.PathLike | None = None,
+) -> list[dict]:
+    """The items of one section of a data set, with absolute paths.
+
+    Args:
+        dataset_dir: the data set's folder.
+        datalist: a Decathlon-style JSON (default ``<dataset_dir>/dataset.json``). If it does not
+            exist, ``dataset_dir`` is read as a folder of NIfTI pairs: its subfolder named like the
+            section (``training/``, ``validation/``, ``test/``) if there is one, else the folder
+            itself for every section.
+        section: ``training``, ``validation`` or ``test``; a ``test`` section may lack labels.
+        synthetic_dir: the embedded default's folder. When ``dataset_dir`` is this folder and it
+            holds no datalist yet, the synthetic phantoms are written there first.
+
+    Raises:
+        FileNotFoundError: ``dataset_dir`` (or a named datalist) does not exist.
+        ValueError: the datalist has no such section.
+    """
+    root = Path(dataset_dir).expanduser()
+    listing = Path(datalist).expanduser() if datalist else root / "dataset.json"
+    if synthetic_dir is not None and root.resolve() == Path(synthetic_dir).expanduser().resolve():
+        if not listing.exists():
+            write_phantom_dataset(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset_dir {str(root)!r} does not exist or is not a folder.")
+    if listing.exists():
+        try:
+            return load_decathlon_datalist(str(listing), True, section, base_dir=str(root))
+        except ValueError as err:
+            raise ValueError(f"datalist {str(listing)!r} has no usable {section!r} section: {err}") from err
+    if datalist and root / "dataset.json" != listing:
+        raise FileNotFoundError(f"datalist {str(listing)!r} does not exist.")
+    folder = root / section if (root / section).is_dir() else root
+    items = pair_folder(folder, require_labels=section != "test")
+    if not items:
+        raise FileNotFoundError(f"no NIfTI images in {str(folder)!r} and no datalist {str(listing)!r}.")
+    return items

@@ -1,0 +1,114 @@
+"""Ignite handlers the bundle needs beyond MONAI's own."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from ignite.engine import Engine, Events
+from monai.utils import string_list_all_gather
+
+__all__ = ["SegmentationReport", "atomic_write_text"]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _finite_mean(values: Sequence[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+class SegmentationReport:
+    """Writes the per-case × per-class metrics of an evaluation run and their summary.
+
+    Reads the per-case details that MONAI's metric handlers (``MeanDice``, ``HausdorffDistance``,
+    ``MeanIoUHandler``, ``SurfaceDistance``, with ``save_details=True``) leave in
+    ``engine.state.metric_details``, and on completion writes, atomically:
+
+    - ``<output_dir>/metrics.csv``: one row per case and class: ``case, class, <metric>…``;
+    - ``<output_dir>/summary.json``: ``{"mean": {metric: …}, "per_class": {class: {metric: …}},
+      "cases": n, "nonfinite": {metric: count}}``.
+
+    A value is undefined (NaN) where a class is absent from both prediction and ground truth,
+    and infinite for a distance where the prediction misses a class that is present; means
+    are taken over the finite values, and ``nonfinite`` counts the others, so nothing is hidden.
+
+    Args:
+        output_dir: folder of the two files.
+        class_names: names of the classes the metrics cover (background excluded if they exclude it).
+        metrics: report name → engine metric name, e.g. ``{"dice": "val_mean_dice"}``.
+        image_key: batch key whose metadata names each case.
+    """
+
+    def __init__(
+        self, output_dir: str, class_names: Sequence[str], metrics: dict[str, str], image_key: str = "image"
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.class_names = list(class_names)
+        self.metrics = dict(metrics)
+        self.image_key = image_key
+        self._cases: list[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect_names)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self._cases = []
+
+    def _collect_names(self, engine: Engine) -> None:
+        image = engine.state.batch[self.image_key] if isinstance(engine.state.batch, dict) else None
+        meta = getattr(image, "meta", {}) or {}
+        names = meta.get("filename_or_obj", [])
+        names = [names] if isinstance(names, str) else list(names)
+        self._cases.extend(Path(str(n)).name for n in names)
+
+    def _write(self, engine: Engine) -> None:
+        cases = string_list_all_gather(self._cases)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_rank() != 0:
+                return
+        details = {}
+        for name, key in self.metrics.items():
+            if key not in engine.state.metric_details:
+                raise KeyError(f"SegmentationReport: no details for metric {key!r}; is it attached with save_details?")
+            values = torch.as_tensor(engine.state.metric_details[key]).float().reshape(len(cases), -1)
+            if values.shape[1] != len(self.class_names):
+                raise ValueError(
+                    f"metric {key!r} has {values.shape[1]} classes, but class_names lists {len(self.class_names)}."
+                )
+            details[name] = values.tolist()
+
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["case", "class", *details])
+        for i, case in enumerate(cases):
+            for c, cls in enumerate(self.class_names):
+                writer.writerow([case, cls, *(repr(details[m][i][c]) for m in details)])
+        atomic_write_text(self.output_dir / "metrics.csv", buf.getvalue())
+
+        per_class = {
+            cls: {m: _finite_mean([row[c] for row in details[m]]) for m in details}
+            for c, cls in enumerate(self.class_names)
+        }
+        summary = {
+            "mean": {m: _finite_mean([v for row in details[m] for v in row]) for m in details},
+            "per_class": per_class,
+            "cases": len(cases),
+            "nonfinite": {m: sum(not math.isfinite(v) for row in details[m] for v in row) for m in details},
+        }
+        atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=4))
