@@ -3,4 +3,4 @@
 __version__ = "0.1.0"
 
 # bundle configs write `$import mgrad_net` and then `mgrad_net.data.…`: make the subpackages attributes
-from mgrad_net import data, engines, handlers, losses, networks  # noqa: E402,F401
+from mgrad_net import data, engines, handlers, io, losses, networks  # noqa: E402,F401

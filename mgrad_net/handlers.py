@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -14,16 +12,9 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import string_list_all_gather
 
-__all__ = ["SegmentationReport", "atomic_write_text"]
+from mgrad_net.io import atomic_write_json, atomic_write_text
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+__all__ = ["SegmentationReport"]
 
 
 def _finite_mean(values: Sequence[float]) -> float | None:
@@ -42,9 +33,9 @@ class SegmentationReport:
     - ``<output_dir>/summary.json``: ``{"mean": {metric: …}, "per_class": {class: {metric: …}},
       "cases": n, "nonfinite": {metric: count}}``.
 
-    A value is undefined (NaN) where a class is absent from both prediction and ground truth,
-    and infinite for a distance where the prediction misses a class that is present; means
-    are taken over the finite values, and ``nonfinite`` counts the others, so nothing is hidden.
+    A distance is undefined (MONAI gives NaN, or inf) where the prediction or the ground truth
+    lacks a class; means are taken over the finite values, and ``nonfinite`` counts the others
+    per metric, so a missed structure is never silently averaged away.
 
     Args:
         output_dir: folder of the two files.
@@ -71,11 +62,14 @@ class SegmentationReport:
         self._cases = []
 
     def _collect_names(self, engine: Engine) -> None:
-        image = engine.state.batch[self.image_key] if isinstance(engine.state.batch, dict) else None
-        meta = getattr(image, "meta", {}) or {}
-        names = meta.get("filename_or_obj", [])
-        names = [names] if isinstance(names, str) else list(names)
-        self._cases.extend(Path(str(n)).name for n in names)
+        # MONAI engines decollate the batch into a list of per-case dicts; an undecollated one is a dict
+        batch = engine.state.batch
+        items = batch if isinstance(batch, list) else [batch]
+        for item in items:
+            meta = getattr(item.get(self.image_key), "meta", None) or {}
+            names = meta.get("filename_or_obj", "?")
+            names = [names] if isinstance(names, str) else list(names)
+            self._cases.extend(Path(str(n)).name for n in names)
 
     def _write(self, engine: Engine) -> None:
         cases = string_list_all_gather(self._cases)
@@ -111,4 +105,4 @@ class SegmentationReport:
             "cases": len(cases),
             "nonfinite": {m: sum(not math.isfinite(v) for row in details[m] for v in row) for m in details},
         }
-        atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=4))
+        atomic_write_json(self.output_dir / "summary.json", summary)

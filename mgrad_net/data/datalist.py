@@ -15,7 +15,7 @@ from monai.data import load_decathlon_datalist
 
 from mgrad_net.data.phantoms import write_phantom_dataset
 
-__all__ = ["load_datalist", "pair_folder", "LABEL_SUFFIXES"]
+__all__ = ["load_datalist", "pair_folder", "check_no_overwrite", "LABEL_SUFFIXES"]
 
 # how a label file is named beside its image: ACDC's "_gt", then common alternatives
 LABEL_SUFFIXES = ("_gt", "_seg", "_label")
@@ -97,3 +97,24 @@ def load_datalist(
     if not items:
         raise FileNotFoundError(f"no NIfTI images in {str(folder)!r} and no datalist {str(listing)!r}.")
     return items
+
+
+def check_no_overwrite(items: list[dict], output_dir: str | os.PathLike, postfix: str, key: str = "image") -> None:
+    """Refuse an inference run whose ``<name>_<postfix>.nii.gz`` outputs would replace one of its inputs.
+
+    Raises:
+        ValueError: naming every input that the run would overwrite.
+    """
+    out = Path(output_dir).expanduser().resolve()
+    inputs = {Path(item[key]).expanduser().resolve() for item in items}
+    clashes = []
+    for path in sorted(inputs):
+        stem = _stem(path)
+        target = out / (f"{stem}_{postfix}.nii.gz" if postfix else f"{stem}.nii.gz")
+        if target in inputs:
+            clashes.append(str(target))
+    if clashes:
+        raise ValueError(
+            f"inference would overwrite its own input(s) in {str(out)!r}: {'; '.join(clashes)}. "
+            "Choose another output_dir or output_postfix."
+        )

@@ -10,12 +10,11 @@ noise. Generation is deterministic for a seed, so a data set written twice is th
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
+
+from mgrad_net.io import atomic_save_nifti, atomic_write_json
 
 __all__ = ["short_axis_phantom", "write_phantom_dataset", "PHANTOM_CLASSES"]
 
@@ -67,12 +66,6 @@ def short_axis_phantom(
     return image, label
 
 
-def _save_atomic(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(nib.Nifti1Image(array, affine), str(tmp))
-    os.replace(tmp, path)
-
-
 def write_phantom_dataset(
     root: str | Path,
     counts: dict[str, int] | None = None,
@@ -100,8 +93,8 @@ def write_phantom_dataset(
             name = f"phantom_{index:03d}"
             index += 1
             image, label = short_axis_phantom(shape, rng)
-            _save_atomic(image, affine, root / "images" / f"{name}.nii.gz")
-            _save_atomic(label, affine, root / "labels" / f"{name}_gt.nii.gz")
+            atomic_save_nifti(image, affine, root / "images" / f"{name}.nii.gz")
+            atomic_save_nifti(label, affine, root / "labels" / f"{name}_gt.nii.gz")
             sections[section].append({"image": f"images/{name}.nii.gz", "label": f"labels/{name}_gt.nii.gz"})
     datalist = {
         "name": "mgrad-net synthetic short-axis phantoms",
@@ -110,7 +103,5 @@ def write_phantom_dataset(
         **sections,
     }
     path = root / "dataset.json"
-    tmp = root / ".dataset.json.tmp"
-    tmp.write_text(json.dumps(datalist, indent=4))
-    os.replace(tmp, path)
+    atomic_write_json(path, datalist)
     return path

@@ -1,0 +1,53 @@
+"""Atomic file writes: a temporary file in the destination's folder, then a rename.
+
+A crash or a kill mid-write leaves either the old file or the new one, never a truncated one.
+The temporary name is random and hidden, in the same folder (a rename is atomic only within one
+file system). Not ``tempfile.mkstemp``: its files are mode 0600, and the outputs would stay
+unreadable to the other users of a shared data folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_save_nifti"]
+
+
+@contextmanager
+def atomic_path(dst: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``dst``, on failure it is removed.
+
+    ``suffix`` keeps an extension that a writer reads its format from (``.nii.gz`` for nibabel).
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.tmp{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, dst)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(dst: str | os.PathLike, text: str) -> None:
+    with atomic_path(dst) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(dst: str | os.PathLike, data: Any, indent: int = 4) -> None:
+    atomic_write_text(dst, json.dumps(data, indent=indent) + "\n")
+
+
+def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, dst: str | os.PathLike) -> None:
+    import nibabel as nib
+
+    with atomic_path(dst, suffix=".nii.gz" if str(dst).endswith(".nii.gz") else ".nii") as tmp:
+        nib.save(nib.Nifti1Image(array, affine), str(tmp))

@@ -1,0 +1,44 @@
+"""Running the bundle the way users do: ``python -m monai.bundle run …`` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# the real architecture at a width and slice size a CPU test can afford
+TINY_OVERRIDES = [
+    "--network_def#features", "[4,8,16,32,64]",
+    "--network_def#decoder_channels", "8",
+    "--roi_size", "[48,48]",
+]  # fmt: skip
+
+
+def configs(*names: str) -> str:
+    return json.dumps([str(CONFIGS / f"{n}.json") for n in names])
+
+
+def run_bundle(
+    runner: str | None, config_names: list[str], bundle_root: Path, *overrides: str, check: bool = True
+) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run [runner] --config_file [...] --bundle_root … <overrides>``."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run"]
+    if runner:
+        cmd.append(runner)
+    cmd += [
+        "--config_file", configs(*config_names),
+        "--meta_file", str(CONFIGS / "metadata.json"),
+        "--logging_file", str(CONFIGS / "logging.conf"),
+        "--bundle_root", str(bundle_root),
+        *TINY_OVERRIDES,
+        *overrides,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=bundle_root)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

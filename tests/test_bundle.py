@@ -1,0 +1,122 @@
+"""The bundle end to end through ``python -m monai.bundle``: train → evaluate → inference on real files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from mgrad_net.networks import MGRADUNet
+from tests.bundle_utils import SHARED_DATA, run_bundle
+
+CLASSES = ["right ventricle", "myocardium", "left ventricle"]
+
+
+def _assert_segmentations_match_inputs(out_dir, images, postfix="seg"):
+    for image in images:
+        name = image.name[: -len(".nii.gz")]
+        seg_path = out_dir / f"{name}_{postfix}.nii.gz"
+        assert seg_path.exists(), f"no segmentation for {image}"
+        seg, img = nib.load(seg_path), nib.load(image)
+        assert seg.shape == img.shape
+        np.testing.assert_allclose(seg.affine, img.affine, atol=1e-5)
+        values = np.unique(np.asarray(seg.dataobj))
+        assert set(values.tolist()) <= {0, 1, 2, 3}
+
+
+def _assert_metrics_files(out_dir, cases):
+    rows = list(csv.DictReader((out_dir / "metrics.csv").open()))
+    assert len(rows) == cases * len(CLASSES)
+    assert {r["class"] for r in rows} == set(CLASSES)
+    assert set(rows[0]) == {"case", "class", "dice", "hd95", "iou", "asd"}
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert set(summary["mean"]) == {"dice", "hd95", "iou", "asd"}
+    assert set(summary["per_class"]) == set(CLASSES)
+    assert summary["cases"] == cases
+    dice = [float(r["dice"]) for r in rows]
+    assert all(0.0 <= d <= 1.0 for d in dice if np.isfinite(d))
+    return summary
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """Train on the embedded default (written on first use), then evaluate and infer."""
+    root = tmp_path_factory.mktemp("bundle")
+    train = run_bundle(
+        "training", ["train"], root, "--max_epochs", "2", "--train#slices_per_volume", "2", "--learning_rate", "0.003"
+    )
+    evaluate = run_bundle("evaluating", ["train", "evaluate"], root)
+    infer = run_bundle(None, ["inference"], root, "--output_dir", str(root / "segs"))  # the id MONAI Label calls
+    return root, train, evaluate, infer
+
+
+def test_training_writes_synthetic_default_and_checkpoints(synthetic_run):
+    root = synthetic_run[0]
+    datalist = json.loads((root / "data" / "synthetic" / "dataset.json").read_text())
+    assert {len(datalist[s]) for s in ("training", "validation", "test")} <= {12, 3}
+    best = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
+    net = MGRADUNet(out_channels=4, features=(4, 8, 16, 32, 64), decoder_channels=8)
+    net.load_state_dict(best)  # the best weights are a plain state dict of the configured network
+    latest = list((root / "models").glob("checkpoint*.pt"))
+    assert len(latest) == 1
+    state = torch.load(latest[0], map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(state)
+    assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]  # two epochs done
+    assert latest[0].name == "checkpoint_epoch=2.pt"
+
+
+def test_evaluate_writes_per_case_metrics_and_summary(synthetic_run):
+    root, _, evaluate, _ = synthetic_run
+    summary = _assert_metrics_files(root / "eval", cases=3)
+    assert summary["mean"]["dice"] is not None
+
+
+def test_inference_writes_one_segmentation_per_input_in_its_geometry(synthetic_run):
+    root = synthetic_run[0]
+    datalist = json.loads((root / "data" / "synthetic" / "dataset.json").read_text())
+    images = [root / "data" / "synthetic" / item["image"] for item in datalist["test"]]
+    _assert_segmentations_match_inputs(root / "segs", images)
+
+
+def test_missing_dataset_dir_is_an_error_naming_it(tmp_path):
+    missing = tmp_path / "no_such_data"
+    proc = run_bundle("training", ["train"], tmp_path, "--dataset_dir", str(missing), "--max_epochs", "1", check=False)
+    assert proc.returncode != 0
+    assert f"dataset_dir {str(missing)!r} does not exist" in proc.stdout + proc.stderr
+    assert not (tmp_path / "data").exists()  # no silent fall back to the synthetic default
+
+
+def test_inference_refuses_to_overwrite_its_inputs(tmp_path, synthetic_run):
+    root = synthetic_run[0]
+    images = root / "data" / "synthetic" / "images"
+    proc = run_bundle(
+        "inference", ["inference"], root, "--output_dir", str(images), "--output_postfix", "", check=False
+    )
+    assert proc.returncode != 0
+    assert "overwrite its own input" in proc.stdout + proc.stderr
+
+
+ACDC = SHARED_DATA / "acdc"
+
+
+@pytest.mark.skipif(not ACDC.is_dir(), reason=f"shared ACDC data not found at {ACDC}")
+def test_bundle_on_four_real_acdc_cases(tmp_path):
+    train = sorted((ACDC / "training").glob("patient00[3-4]_frame01.nii.gz"))
+    val = sorted((ACDC / "validation").glob("patient0[01]*_frame01.nii.gz"))[:2]
+    pair = lambda p: {"image": str(p), "label": str(p).replace(".nii.gz", "_gt.nii.gz")}  # noqa: E731
+    datalist = {"training": [pair(p) for p in train], "validation": [pair(p) for p in val],
+                "test": [{"image": str(p)} for p in val]}  # fmt: skip
+    assert len(train) == 2 and len(val) == 2
+    listing = tmp_path / "acdc4.json"
+    listing.write_text(json.dumps(datalist))
+    data = ["--dataset_dir", str(ACDC), "--datalist", str(listing)]
+    run_bundle("training", ["train"], tmp_path, *data, "--max_epochs", "1", "--train#slices_per_volume", "2")
+    assert (tmp_path / "models" / "model.pt").exists()
+    run_bundle("evaluating", ["train", "evaluate"], tmp_path, *data)
+    _assert_metrics_files(tmp_path / "eval", cases=2)
+    run_bundle("inference", ["inference"], tmp_path, *data, "--output_dir", str(tmp_path / "segs"))
+    _assert_segmentations_match_inputs(tmp_path / "segs", val)
