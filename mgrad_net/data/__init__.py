@@ -1,16 +1,26 @@
-"""Data: datalists, the synthetic default data set, and phantoms for tests."""
+"""Data: datalists, the synthetic default data set, phantoms for tests, the converters' core."""
 
-from mgrad_net.data.datalist import check_no_overwrite, load_datalist, pair_folder
-from mgrad_net.data.phantoms import PHANTOM_CLASSES, short_axis_phantom, write_phantom_dataset
-from mgrad_net.data.synthetic import synthetic_disks, write_synthetic_dataset
+from __future__ import annotations
 
-__all__ = [
-    "check_no_overwrite",
-    "load_datalist",
-    "pair_folder",
-    "PHANTOM_CLASSES",
-    "short_axis_phantom",
-    "write_phantom_dataset",
-    "synthetic_disks",
-    "write_synthetic_dataset",
-]
+import importlib
+from typing import Any
+
+# name → submodule; imported on first use, so `mgrad_net.data.convert` does not load MONAI
+_EXPORTS = {
+    "check_no_overwrite": "datalist",
+    "load_datalist": "datalist",
+    "pair_folder": "datalist",
+    "PHANTOM_CLASSES": "phantoms",
+    "short_axis_phantom": "phantoms",
+    "write_phantom_dataset": "phantoms",
+    "synthetic_disks": "synthetic",
+    "write_synthetic_dataset": "synthetic",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"mgrad_net.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'mgrad_net.data' has no attribute {name!r}")
