@@ -24,9 +24,17 @@ def configs(*names: str) -> str:
 
 
 def run_bundle(
-    runner: str | None, config_names: list[str], bundle_root: Path, *overrides: str, check: bool = True
+    runner: str | None,
+    config_names: list[str],
+    bundle_root: Path,
+    *overrides: str,
+    check: bool = True,
+    tiny: bool = True,
 ) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run [runner] --config_file [...] --bundle_root … <overrides>``."""
+    """``python -m monai.bundle run [runner] --config_file [...] --bundle_root … <overrides>``.
+
+    ``tiny`` adds :data:`TINY_OVERRIDES` before ``overrides``.
+    """
     cmd = [sys.executable, "-m", "monai.bundle", "run"]
     if runner:
         cmd.append(runner)
@@ -35,7 +43,7 @@ def run_bundle(
         "--meta_file", str(CONFIGS / "metadata.json"),
         "--logging_file", str(CONFIGS / "logging.conf"),
         "--bundle_root", str(bundle_root),
-        *TINY_OVERRIDES,
+        *(TINY_OVERRIDES if tiny else []),
         *overrides,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=bundle_root)
