@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
-from monai.bundle import ConfigWorkflow, verify_metadata
+from monai.bundle import verify_metadata
 
 from tests.bundle_utils import CONFIGS, REPO
 
@@ -36,27 +39,39 @@ def test_metadata_passes_the_model_zoo_schema():
     assert list(fmt["outputs"]["pred"]["channel_def"].values()) == train["class_names"]
 
 
+_CHECK = """
+import sys
+from monai.bundle import ConfigWorkflow
+files, workflow_type, root = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
+workflow = ConfigWorkflow(config_file=files, meta_file=sys.argv[4], logging_file=sys.argv[5],
+                          workflow_type=workflow_type, bundle_root=root)
+workflow.initialize()
+try:
+    missing = workflow.check_properties()
+    assert missing in (None, []), missing
+    assert workflow.bundle_root == root
+finally:
+    workflow.finalize()
+print("properties ok")
+"""
+
+
 @pytest.mark.parametrize(
     "files, workflow_type",
     [(["train"], "train"), (["train", "multi_gpu_train"], "train"), (["inference"], "infer")],
 )
-def test_config_workflow_properties(files, workflow_type, tmp_path, monkeypatch):
-    # multi_gpu_train's initialize starts a (one-process, gloo) group as torchrun would
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
-        monkeypatch.setenv(key, value)
-    workflow = ConfigWorkflow(
-        config_file=[str(CONFIGS / f"{f}.json") for f in files],
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        workflow_type=workflow_type,
-        bundle_root=str(tmp_path),
-    )
-    workflow.initialize()
-    try:
-        assert workflow.check_properties() in (None, [])
-        assert workflow.bundle_root == str(tmp_path)
-    finally:
-        workflow.finalize()
+def test_config_workflow_properties(files, workflow_type, tmp_path):
+    # in a subprocess: multi_gpu_train's initialize starts a (one-process, gloo) group as torchrun
+    # would, and a destroyed group would leave Ignite's distributed state behind in this process
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    paths = ",".join(str(CONFIGS / f"{f}.json") for f in files)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHECK, paths, workflow_type, str(tmp_path),
+         str(CONFIGS / "metadata.json"), str(CONFIGS / "logging.conf")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "properties ok" in proc.stdout
 
 
 def test_runner_names_alias_run():
