@@ -12,9 +12,10 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import string_list_all_gather
 
+from mgrad_net.inference import optimize_for_inference
 from mgrad_net.io import atomic_write_json, atomic_write_text
 
-__all__ = ["SegmentationReport"]
+__all__ = ["SegmentationReport", "OptimizeForInference"]
 
 
 def _finite_mean(values: Sequence[float]) -> float | None:
@@ -106,3 +107,29 @@ class SegmentationReport:
             "nonfinite": {m: sum(not math.isfinite(v) for row in details[m] for v in row) for m in details},
         }
         atomic_write_json(self.output_dir / "summary.json", summary)
+
+
+class OptimizeForInference:
+    """Turns the evaluator's network into its inference form when the run starts.
+
+    Attach it after the ``CheckpointLoader``: both act on STARTED, in the order attached, so the
+    weights are loaded before BatchNorm is folded into them. The network is changed in place
+    (see :func:`mgrad_net.inference.optimize_for_inference`), so use it only in runs that do
+    not train the same network afterwards.
+
+    Args:
+        network: the evaluator's network.
+        fold_bn: fold BatchNorm into the preceding convolutions.
+        channels_last: use the channels-last memory format.
+    """
+
+    def __init__(self, network: torch.nn.Module, fold_bn: bool = True, channels_last: bool = True) -> None:
+        self.network = network
+        self.fold_bn = fold_bn
+        self.channels_last = channels_last
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        optimize_for_inference(self.network, fold_bn=self.fold_bn, channels_last=self.channels_last)

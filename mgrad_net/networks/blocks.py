@@ -6,7 +6,7 @@ field block (RFB, Fig. 8, eq. 8) and the differential process (DP, eq. 1).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -14,9 +14,26 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.utils import get_act_layer
 
-__all__ = ["conv_norm_act", "upsample2", "ResidualStage", "RFB", "DifferentialProcess"]
+__all__ = ["conv_norm_act", "upsample2", "inplace_act", "ResidualStage", "RFB", "DifferentialProcess"]
 
 _INTERP_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+# activations whose torch modules take ``inplace``
+_INPLACE_ACTS = {"relu", "leakyrelu", "relu6", "elu", "selu", "celu", "hardtanh"}
+
+
+def inplace_act(act: tuple | str | None) -> tuple | str | None:
+    """``act`` with ``inplace=True`` where its module supports it and the caller did not say otherwise.
+
+    Every activation in MGRAD-UNet follows a normalisation or a sum whose result nothing else
+    reads, so overwriting it saves one activation-sized buffer per layer, in training (autograd
+    keeps one tensor instead of two) and in inference.
+    """
+    if act is None:
+        return None
+    name, args = (act, {}) if isinstance(act, str) else (act[0], dict(act[1]) if len(act) > 1 else {})
+    if str(name).lower() not in _INPLACE_ACTS:
+        return act
+    return (name, {"inplace": True, **args})
 
 
 def conv_norm_act(
@@ -145,5 +162,8 @@ class DifferentialProcess(nn.Module):
         self.conv = conv_norm_act(spatial_dims, channels, channels, 3, norm, act)
         self.mode = _INTERP_MODES[spatial_dims]
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.abs(upsample2(a, self.mode) - b))
+    def forward(self, a: torch.Tensor, b: torch.Tensor, a_up: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``a_up``, if given, is ``Up2(a)`` already computed elsewhere (the decoders share them)."""
+        if a_up is None:
+            a_up = upsample2(a, self.mode)
+        return self.conv(torch.abs(a_up - b))

@@ -5,12 +5,13 @@
 - :class:`SideOutputs`: SideConv (eq. 3), deep supervision maps S_1..S_5 from decoder 1.
 
 Lists of per-level tensors run from the finest level (index 0, full resolution) to the
-coarsest (index 4, 1/16), as x_1..x_5 in the paper.
+coarsest (index 4, 1/16), as x_1..x_5 in the paper. ``up`` lists Up2(x_2)..Up2(x_5): both
+decoders need them, so the network computes them once (a decoder called alone computes them).
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,12 @@ from monai.networks.blocks import Convolution
 
 from mgrad_net.networks.blocks import _INTERP_MODES, DifferentialProcess, conv_norm_act, upsample2
 
-__all__ = ["DifferentialPyramid", "MSDDecoder", "GRADDecoder", "SideOutputs"]
+__all__ = ["upsample_levels", "DifferentialPyramid", "MSDDecoder", "GRADDecoder", "SideOutputs"]
+
+
+def upsample_levels(x: List[torch.Tensor], mode: str) -> List[torch.Tensor]:
+    """Up2(x_2), …, Up2(x_5): each deeper feature at the resolution of the level above it."""
+    return [upsample2(x[i], mode) for i in range(1, len(x))]
 
 
 class DifferentialPyramid(nn.Module):
@@ -59,7 +65,13 @@ class DifferentialPyramid(nn.Module):
         self.head = Convolution(spatial_dims, channels, out_channels, kernel_size=1, conv_only=True, bias=True)
 
     def forward(
-        self, d54: torch.Tensor, d43: torch.Tensor, d32: torch.Tensor, d21: torch.Tensor, top: torch.Tensor
+        self,
+        d54: torch.Tensor,
+        d43: torch.Tensor,
+        d32: torch.Tensor,
+        d21: torch.Tensor,
+        top: torch.Tensor,
+        top_up: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, List[torch.Tensor]]:
         d543, d432, d321 = self.dp543(d54, d43), self.dp432(d43, d32), self.dp321(d32, d21)
         d5432, d4321 = self.dp5432(d543, d432), self.dp4321(d432, d321)
@@ -70,7 +82,9 @@ class DifferentialPyramid(nn.Module):
         l2 = self.level2(d32 + d432 + d5432)
         l1 = self.level1(d21 + d321 + d4321 + d54321)
 
-        o4 = self.up4(upsample2(top, self.mode) + l4)
+        if top_up is None:
+            top_up = upsample2(top, self.mode)
+        o4 = self.up4(top_up + l4)
         o3 = self.up3(upsample2(o4, self.mode) + l3)
         o2 = self.up2(upsample2(o3, self.mode) + l2)
         o1 = self.up1(upsample2(o2, self.mode) + l1)
@@ -99,10 +113,22 @@ class MSDDecoder(nn.Module):
         self.dp32 = DifferentialProcess(spatial_dims, channels, norm, act)
         self.dp21 = DifferentialProcess(spatial_dims, channels, norm, act)
         self.pyramid = DifferentialPyramid(spatial_dims, channels, out_channels, norm, act)
+        self.mode = _INTERP_MODES[spatial_dims]
 
-    def forward(self, x: List[torch.Tensor]) -> tuple[torch.Tensor, List[torch.Tensor]]:
+    def forward(
+        self, x: List[torch.Tensor], up: Optional[List[torch.Tensor]] = None
+    ) -> tuple[torch.Tensor, List[torch.Tensor]]:
+        if up is None:
+            up = upsample_levels(x, self.mode)
         x1, x2, x3, x4, x5 = x[0], x[1], x[2], x[3], x[4]
-        return self.pyramid(self.dp54(x5, x4), self.dp43(x4, x3), self.dp32(x3, x2), self.dp21(x2, x1), x5)
+        return self.pyramid(
+            self.dp54(x5, x4, up[3]),
+            self.dp43(x4, x3, up[2]),
+            self.dp32(x3, x2, up[1]),
+            self.dp21(x2, x1, up[0]),
+            x5,
+            up[3],
+        )
 
 
 class GRADDecoder(nn.Module):
@@ -136,16 +162,21 @@ class GRADDecoder(nn.Module):
         self.ra54, self.ra43, self.ra32, self.ra21 = conv(), conv(), conv(), conv()
         self.pyramid = DifferentialPyramid(spatial_dims, channels, out_channels, norm, act)
 
-    def forward(self, x: List[torch.Tensor], m: List[torch.Tensor]) -> tuple[torch.Tensor, List[torch.Tensor]]:
+    def forward(
+        self, x: List[torch.Tensor], m: List[torch.Tensor], up: Optional[List[torch.Tensor]] = None
+    ) -> tuple[torch.Tensor, List[torch.Tensor]]:
+        if up is None:
+            up = upsample_levels(x, self.mode)
         x1, x2, x3, x4, x5 = x[0], x[1], x[2], x[3], x[4]
         w1, w2, w3, w4, w5 = (torch.sigmoid(m[0]), torch.sigmoid(m[1]), torch.sigmoid(m[2]),
                               torch.sigmoid(m[3]), torch.sigmoid(m[4]))
         x5s = self.attend5(x5 + x5 * w5)
-        g54 = self.ra54(torch.abs(upsample2(x5s, self.mode) + x4 * (1 - w4)))
-        g43 = self.ra43(torch.abs(upsample2(x4, self.mode) + x3 * (1 - w3)))
-        g32 = self.ra32(torch.abs(upsample2(x3, self.mode) + x2 * (1 - w2)))
-        g21 = self.ra21(torch.abs(upsample2(x2, self.mode) + x1 * (1 - w1)))
-        return self.pyramid(g54, g43, g32, g21, x5s)
+        x5s_up = upsample2(x5s, self.mode)
+        g54 = self.ra54(torch.abs(x5s_up + x4 * (1 - w4)))
+        g43 = self.ra43(torch.abs(up[2] + x3 * (1 - w3)))
+        g32 = self.ra32(torch.abs(up[1] + x2 * (1 - w2)))
+        g21 = self.ra21(torch.abs(up[0] + x1 * (1 - w1)))
+        return self.pyramid(g54, g43, g32, g21, x5s, x5s_up)
 
 
 class SideOutputs(nn.Module):

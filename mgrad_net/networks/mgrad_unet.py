@@ -1,13 +1,14 @@
 """MGRAD-UNet: encoder, RFBs, the two differential decoders and the gate-control feedback (eq. 7)."""
 
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from monai.networks.layers.factories import Pool
 
-from mgrad_net.networks.blocks import RFB, ResidualStage, conv_norm_act
-from mgrad_net.networks.decoders import GRADDecoder, MSDDecoder, SideOutputs
+from mgrad_net.networks.blocks import _INTERP_MODES, RFB, ResidualStage, conv_norm_act, inplace_act
+from mgrad_net.networks.decoders import GRADDecoder, MSDDecoder, SideOutputs, upsample_levels
 
 __all__ = ["MGRADOutput", "MGRADUNet"]
 
@@ -70,9 +71,13 @@ class MGRADUNet(nn.Module):
         side_outputs: build the side outputs; ``False`` is the paper's "no SideConv" ablation.
         feedback_weight: λ of eq. 7.
         norm: feature normalisation type and arguments.
-        act: activation type and arguments.
+        act: activation type and arguments; run in place where the activation allows it.
         inference_passes: passes run in eval mode, each after the first fed with the previous
             pass's feedback; 1 is the published behaviour.
+        checkpointing: in training, recompute each encoder level (stage + RFB) and each decoder
+            during the backward pass instead of keeping their activations: less memory for about
+            one more forward pass of time. Outputs and gradients are unchanged; BatchNorm running
+            statistics are updated twice per step (once more in the recomputation).
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class MGRADUNet(nn.Module):
         norm: Union[tuple, str] = "batch",
         act: Union[tuple, str] = "relu",
         inference_passes: int = 1,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (1, 2, 3):
@@ -102,7 +108,10 @@ class MGRADUNet(nn.Module):
         self.out_channels = out_channels
         self.feedback_weight = float(feedback_weight)
         self.inference_passes = int(inference_passes)
+        self.checkpointing = bool(checkpointing)
         self.size_divisor = 2 ** (self.levels - 1)
+        self.mode = _INTERP_MODES[spatial_dims]
+        act = inplace_act(act)
 
         widths = [in_channels] + list(features)
         self.encoder = nn.ModuleList(
@@ -153,18 +162,42 @@ class MGRADUNet(nn.Module):
             self._check_input(x)
         e = x
         r: List[torch.Tensor] = []
+        recompute = False
+        if not torch.jit.is_scripting():
+            recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for i, (stage, rfb) in enumerate(zip(self.encoder, self.rfbs)):
             if i > 0:
                 e = self.pool(e)
-            e = stage(e)
-            r.append(rfb(e))
+            if recompute:
+                e, ri = self._recompute_level(i, e)
+                r.append(ri)
+            else:
+                e = stage(e)
+                r.append(rfb(e))
         if feedback is not None:
             if len(feedback) != self.levels:
                 raise ValueError("feedback must hold {} tensors, got {}.".format(self.levels, len(feedback)))
             r = [r[i] + feedback[i] for i in range(self.levels)]
-        p1, m = self.msd(r)
-        p2, g = self.grad(r, m)
+        up = upsample_levels(r, self.mode)
+        if recompute:
+            p1, m, p2, g = self._recompute_decoders(r, up)
+        else:
+            p1, m = self.msd(r, up)
+            p2, g = self.grad(r, m, up)
         return MGRADOutput(p1, p2, self.side(m), m, g, r)
+
+    @torch.jit.unused
+    def _recompute_level(self, i: int, e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        e = checkpoint(self.encoder[i], e, use_reentrant=False)
+        return e, checkpoint(self.rfbs[i], e, use_reentrant=False)
+
+    @torch.jit.unused
+    def _recompute_decoders(
+        self, r: List[torch.Tensor], up: List[torch.Tensor]
+    ) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
+        p1, m = checkpoint(self.msd, r, up, use_reentrant=False)
+        p2, g = checkpoint(self.grad, r, m, up, use_reentrant=False)
+        return p1, m, p2, g
 
     def forward(
         self, x: torch.Tensor, feedback: Optional[List[torch.Tensor]] = None

@@ -1,0 +1,85 @@
+"""Optimisations that must not change what MGRAD-UNet computes: each is compared with the plain network."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mgrad_net.inference import fold_batch_norm, optimize_for_inference
+from mgrad_net.losses import MGRADLoss
+from mgrad_net.networks import MGRADOutput
+from mgrad_net.networks.decoders import upsample_levels
+from tests.conftest import tiny_net
+
+
+def _trained_stats(net, shape):
+    """Give BatchNorm non-trivial running statistics, as a trained network has."""
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(*shape) * 2 + 0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("spatial_dims, shape", [(2, (2, 1, 64, 48)), (3, (1, 1, 32, 32, 16))])
+def test_batchnorm_folding_and_channels_last_keep_outputs(spatial_dims, shape):
+    net = _trained_stats(tiny_net(spatial_dims=spatial_dims, out_channels=3), shape)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        ref = net(x)
+        folded = fold_batch_norm(copy.deepcopy(net))
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+        torch.testing.assert_close(folded(x), ref, rtol=1e-4, atol=1e-5)
+        fast = optimize_for_inference(copy.deepcopy(net))
+        torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_folding_needs_eval_mode():
+    with pytest.raises(ValueError, match="eval-mode"):
+        fold_batch_norm(tiny_net(out_channels=2).train())
+
+
+def test_inplace_activations_keep_outputs_and_gradients():
+    x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 1, 32, 32))
+    torch.manual_seed(1)
+    inplace = tiny_net(out_channels=3)
+    torch.manual_seed(1)
+    copying = tiny_net(out_channels=3, act=("relu", {"inplace": False}))
+    assert any(getattr(m, "inplace", False) for m in inplace.modules())
+    assert not any(getattr(m, "inplace", False) for m in copying.modules())
+    for net in (inplace, copying):
+        net.train()
+        MGRADLoss()(net(x), y).backward()
+    for a, b in zip(inplace.parameters(), copying.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_shared_upsampling_gives_what_each_decoder_computes_alone():
+    net = tiny_net(out_channels=3).eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        out = net.forward_all(x)
+        r = out.features
+        p1, m = net.msd(r)  # each decoder upsampling for itself
+        p2, g = net.grad(r, m)
+        torch.testing.assert_close(p1, out.p1, rtol=0, atol=0)
+        torch.testing.assert_close(p2, out.p2, rtol=0, atol=0)
+        assert len(upsample_levels(r, net.mode)) == 4
+
+
+def test_checkpointing_keeps_outputs_and_gradients():
+    x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 1, 32, 32))
+    plain = tiny_net(out_channels=3).train()
+    recomputed = copy.deepcopy(plain)
+    recomputed.checkpointing = True
+    outs = []
+    for net in (plain, recomputed):
+        out = net(x)
+        assert isinstance(out, MGRADOutput)
+        MGRADLoss()(out, y).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0].p1 + outs[0].p2, outs[1].p1 + outs[1].p2, rtol=0, atol=0)
+    for a, b in zip(plain.parameters(), recomputed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
