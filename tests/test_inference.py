@@ -83,3 +83,16 @@ def test_checkpointing_keeps_outputs_and_gradients():
     torch.testing.assert_close(outs[0].p1 + outs[0].p2, outs[1].p1 + outs[1].p2, rtol=0, atol=0)
     for a, b in zip(plain.parameters(), recomputed.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_cpu_micro_batches_keep_each_samples_output():
+    net = _trained_stats(tiny_net(out_channels=3), (4, 1, 32, 32))
+    x = torch.randn(5, 1, 32, 32)
+    with torch.inference_mode():
+        net.cpu_micro_batch = 0
+        whole = net(x)
+        for chunk in (1, 2, 3):
+            net.cpu_micro_batch = chunk
+            torch.testing.assert_close(net(x), whole, rtol=1e-5, atol=1e-6)
+        scripted = torch.jit.script(net)
+        torch.testing.assert_close(scripted(x), whole, rtol=1e-5, atol=1e-6)

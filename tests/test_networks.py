@@ -60,6 +60,7 @@ def test_eval_output_is_p1_plus_p2_of_train_result():
     x = torch.randn(2, 1, 32, 32)
     out = net.train()(x)
     net.eval()
+    net.cpu_micro_batch = 0  # whole-batch statistics below, as in the train pass
     for m in net.modules():  # same normalisation statistics as the train pass: only the mode differs
         if isinstance(m, _BatchNorm):
             m.train()

@@ -14,7 +14,6 @@ _EXPORTS = {
     "short_axis_phantom": "phantoms",
     "write_phantom_dataset": "phantoms",
     "synthetic_disks": "synthetic",
-    "write_synthetic_dataset": "synthetic",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 from monai.data.synthetic import create_test_image_2d, create_test_image_3d
 
-__all__ = ["synthetic_disks", "write_synthetic_dataset"]
+__all__ = ["synthetic_disks"]
 
 
 def synthetic_disks(
@@ -44,21 +41,3 @@ def synthetic_disks(
         items.append({"image": image.astype(np.float32), "label": label.astype(np.int64)})
     return items
 
-
-def write_synthetic_dataset(root: str | Path, count: int, prefix: str = "phantom", **kwargs: Any) -> list[dict[str, str]]:
-    """Write :func:`synthetic_disks` as NIfTI pairs under ``root`` and return their datalist.
-
-    Files are ``<prefix>_NNN.nii.gz`` (image, float32) and ``<prefix>_NNN_seg.nii.gz`` (label,
-    uint8), identity affine. Keyword arguments go to :func:`synthetic_disks`.
-    """
-    import nibabel as nib
-
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    datalist = []
-    for i, item in enumerate(synthetic_disks(count, **kwargs)):
-        pair = {"image": root / f"{prefix}_{i:03d}.nii.gz", "label": root / f"{prefix}_{i:03d}_seg.nii.gz"}
-        for key, dtype in (("image", np.float32), ("label", np.uint8)):
-            nib.save(nib.Nifti1Image(item[key][0].astype(dtype), np.eye(4)), str(pair[key]))
-        datalist.append({k: str(v) for k, v in pair.items()})
-    return datalist

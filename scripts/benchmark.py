@@ -1,0 +1,324 @@
+"""Speed and memory of MGRAD-UNet beside MONAI's BasicUNet, measured side by side in one run.
+
+Each configuration runs in its own subprocess (clean peak-memory figures, no warm caches
+shared between them); the parent prints one table with ratios:
+
+1. this machine's fp32 matmul peak (GFLOP/s);
+2. eval forward at 224×224, full width, batch 1 and 8: s/slice, GFLOP/s achieved
+   (``torch.utils.flop_counter``) and fraction of the peak — MGRAD-UNet as trained (``plain``),
+   MGRAD-UNet as the bundle infers (``optimized``: BatchNorm folded, channels-last), and
+   BasicUNet(features=(56, 112, 224, 448, 896, 56)), the yardstick matched in parameters;
+3. one feedback training step (3 passes, batch 8, 9 classes, full width, MGRAD loss with the
+   aggregated side loss): seconds and peak resident memory, with and without activation
+   checkpointing, beside BasicUNet's 3 plain steps with DiceCE;
+4. end-to-end 3D inference through the bundle's inference config (transforms, SliceInferer,
+   inversion, NIfTI writing) on a 512×512×100 CT-like volume and on an ACDC volume: slices/s,
+   share of time outside the network forward, peak memory.
+
+    python scripts/benchmark.py                       # everything, about 15 minutes on 2 cores
+    python scripts/benchmark.py --parts="eval,train"  # a subset
+    python scripts/benchmark.py --size=96 --batch=4   # a quick look
+
+Not part of the test suite. Results and the optimisations tried are in ``scripts/benchmark.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+
+REPO = Path(__file__).resolve().parents[1]
+BASIC_FEATURES = (56, 112, 224, 448, 896, 56)
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _device(device: str | None):
+    import torch
+
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _net(name: str, classes: int, dev, **kwargs):
+    from monai.networks.nets import BasicUNet
+
+    from mgrad_net.networks import MGRADUNet
+
+    if name == "basicunet":
+        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=classes, features=BASIC_FEATURES).to(dev)
+    return MGRADUNet(in_channels=1, out_channels=classes, **kwargs).to(dev)
+
+
+# ---------------------------------------------------------------- measurements (in a subprocess)
+
+
+def measure_peak(device: str | None = None, n: int = 2048, repeats: int = 10) -> dict:
+    """fp32 matmul GFLOP/s, the best of ``repeats``."""
+    import torch
+
+    dev = _device(device)
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(dev)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        _sync(dev)
+        best = min(best, time.perf_counter() - t)
+    return {"gflops": 2 * n**3 / best / 1e9}
+
+
+def measure_eval(
+    net: str, batch: int, size: int = 224, classes: int = 9, repeats: int = 2, device: str | None = None,
+    amp: str | None = None, compile: bool = False,
+) -> dict:  # fmt: skip
+    """Eval forward time per slice and FLOPs per slice of one network configuration."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mgrad_net.inference import optimize_for_inference
+
+    dev = _device(device)
+    model = _net("basicunet" if net == "basicunet" else "mgrad", classes, dev).eval()
+    x = torch.randn(batch, 1, size, size, device=dev)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(x[:1])
+    flops = counter.get_total_flops()
+    if net == "optimized":
+        optimize_for_inference(model)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model)
+    ctx = torch.autocast(dev.type, dtype=getattr(torch, amp)) if amp else torch.autocast(dev.type, enabled=False)
+    with torch.inference_mode(), ctx:
+        t = time.perf_counter()
+        model(x)  # warm-up: kernel selection, allocator, compilation
+        warm = time.perf_counter() - t
+        best = float("inf")
+        for _ in range(repeats):
+            _sync(dev)
+            t = time.perf_counter()
+            model(x)
+            _sync(dev)
+            best = min(best, time.perf_counter() - t)
+    return {"s_per_slice": best / batch, "flops_per_slice": flops, "first_call_s": warm, "peak_rss_gb": _peak_rss_gb()}
+
+
+def measure_train(
+    net: str, batch: int = 8, size: int = 224, classes: int = 9, passes: int = 3, checkpointing: bool = False,
+    device: str | None = None,
+) -> dict:  # fmt: skip
+    """One training step: MGRAD-UNet's ``passes`` feedback passes with the MGRAD loss, or BasicUNet's
+    ``passes`` plain steps with DiceCE, each pass with its own backward and optimizer step."""
+    import torch
+    from monai.losses import DiceCELoss
+
+    from mgrad_net.losses import MGRADLoss
+
+    dev = _device(device)
+    kwargs = {"checkpointing": checkpointing} if net != "basicunet" else {}
+    model = _net(net, classes, dev, **kwargs).train()
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if net == "basicunet" else MGRADLoss()
+    opt = torch.optim.AdamW(model.parameters(), 1e-4, weight_decay=1e-4)
+    x = torch.randn(batch, 1, size, size, device=dev)
+    y = torch.randint(0, classes, (batch, 1, size, size), device=dev)
+    base = _peak_rss_gb()
+    _sync(dev)
+    t = time.perf_counter()
+    feedback = None
+    for _ in range(passes):
+        opt.zero_grad(set_to_none=True)
+        out = model(x) if feedback is None else model(x, feedback=feedback)
+        loss = loss_fn(out, y)
+        loss.backward()
+        opt.step()
+        if net != "basicunet":
+            feedback = model.feedback(out)
+        del out, loss
+    _sync(dev)
+    return {"seconds": time.perf_counter() - t, "peak_rss_gb": _peak_rss_gb(), "rss_before_gb": base}
+
+
+def measure_infer3d(volume: str, size: int = 224, device: str | None = None, sw_batch_size: int = 8) -> dict:
+    """The bundle's inference config, end to end, on one synthetic CT-like or one ACDC volume."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+    from monai.bundle import ConfigParser
+
+    dev = _device(device)
+    work = Path(tempfile.mkdtemp(prefix="mgrad_bench_"))
+    configs = [str(REPO / "bundle" / "configs" / "inference.json")]
+    if volume == "ct":
+        rng = np.random.RandomState(0)
+        hu = rng.normal(40, 200, size=(512, 512, 100)).astype(np.int16)
+        image = work / "ct_volume.nii.gz"
+        nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.5, 1.0])), str(image))
+        configs.append(str(REPO / "bundle" / "configs" / "synapse.json"))
+    else:
+        image = REPO.parent / "shared" / "data" / "acdc" / "validation" / "patient002_frame01.nii.gz"
+        if not image.exists():
+            return {"skipped": f"{image} not found"}
+    parser = ConfigParser()
+    parser.read_config(configs)
+    net = parser.get_parsed_content("network_def")
+    torch.save(net.state_dict(), work / "model.pt")
+    parser["bundle_root"] = str(work)
+    parser["device"] = f"$torch.device('{dev}')"
+    parser["roi_size"] = [size, size]
+    parser["inferer#sw_batch_size"] = sw_batch_size
+    parser["dataset#data"] = [{"image": str(image)}]
+    parser["output_dir"] = str(work / "out")
+    evaluator = parser.get_parsed_content("evaluator")
+    network = parser.get_parsed_content("network")
+    inside = [0.0]
+
+    def pre(*_):
+        _sync(dev)
+        inside.append(time.perf_counter())
+
+    def post(*_):
+        _sync(dev)
+        inside[0] += time.perf_counter() - inside.pop()
+
+    network.register_forward_pre_hook(pre)
+    network.register_forward_hook(post)
+    t = time.perf_counter()
+    evaluator.run()
+    total = time.perf_counter() - t
+    slices = nib.load(str(image)).shape[-1]
+    return {
+        "slices": slices,
+        "slices_per_s": slices / total,
+        "outside_share": 1 - inside[0] / total,
+        "seconds": total,
+        "peak_rss_gb": _peak_rss_gb(),
+    }
+
+
+# ---------------------------------------------------------------- the table (parent process)
+
+
+def _run(kind: str, threads: int | None, **kwargs) -> dict:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    args = [f"--{k}={v}" for k, v in kwargs.items()]
+    cmd = [sys.executable, __file__, f"measure_{kind}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(
+    parts: str = "eval,train,infer3d",
+    size: int = 224,
+    batch: int = 8,
+    classes: int = 9,
+    threads: int | None = None,
+    device: str | None = None,
+    json_out: str | None = None,
+) -> None:
+    """Run the measurements, each in a subprocess, and print the table.
+
+    Args:
+        parts: comma-separated subset of eval, train, infer3d (the peak is always measured).
+        size: in-plane size (divisible by 16).
+        batch: the larger eval batch and the training batch.
+        classes: output classes.
+        threads: OMP_NUM_THREADS for the subprocesses (default: torch's choice).
+        device: "cuda" or "cpu" (default: CUDA when available).
+        json_out: also write every raw result to this JSON file.
+    """
+    chosen = set(parts.split(","))
+    dev = {"device": device} if device else {}
+    results: dict[str, dict] = {"peak": _run("peak", threads, **dev)}
+    peak = results["peak"].get("gflops", float("nan"))
+    lines = [f"fp32 matmul peak: {peak:.0f} GFLOP/s", ""]
+
+    if "eval" in chosen:
+        lines += [f"Eval forward, {size}x{size}, {classes} classes", "| network | batch | ms/slice | GFLOP/s | % of peak | vs BasicUNet |", "|---|---|---|---|---|---|"]
+        for b in (1, batch):
+            rows = {}
+            for net in ("plain", "optimized", "basicunet"):
+                r = _run("eval", threads, net=net, batch=b, size=size, classes=classes, **dev)
+                results[f"eval/{net}/b{b}"] = rows[net] = r
+                print(f"measured eval {net} batch {b}", file=sys.stderr, flush=True)
+            for net, r in rows.items():
+                if "error" in r:
+                    lines.append(f"| {net} | {b} | error: {r['error']} | | | |")
+                    continue
+                gf = r["flops_per_slice"] / r["s_per_slice"] / 1e9
+                ratio = r["s_per_slice"] / rows["basicunet"]["s_per_slice"] if "s_per_slice" in rows["basicunet"] else float("nan")
+                lines.append(f"| {net} | {b} | {r['s_per_slice'] * 1e3:.0f} | {gf:.0f} | {100 * gf / peak:.0f}% | {ratio:.2f} |")
+        lines.append("")
+
+    if "train" in chosen:
+        lines += [f"Training step, 3 passes, batch {batch}, {size}x{size}, {classes} classes", "| network | seconds | peak RSS (GB) | time vs BasicUNet |", "|---|---|---|---|"]
+        rows = {}
+        for name, kw in (("MGRAD-UNet", {}), ("MGRAD-UNet, checkpointing", {"checkpointing": True}), ("BasicUNet, 3 plain steps", {"net": "basicunet"})):
+            r = _run("train", threads, **{"net": "mgrad", **kw}, batch=batch, size=size, classes=classes, **dev)
+            results[f"train/{name}"] = rows[name] = r
+            print(f"measured train {name}", file=sys.stderr, flush=True)
+        base = rows["BasicUNet, 3 plain steps"].get("seconds", float("nan"))
+        for name, r in rows.items():
+            if "error" in r:
+                lines.append(f"| {name} | error: {r['error']} | | |")
+            else:
+                lines.append(f"| {name} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | {r['seconds'] / base:.2f} |")
+        lines.append("")
+
+    if "infer3d" in chosen:
+        lines += ["3D inference through the bundle (full width, random weights)", "| volume | slices | slices/s | outside forward | seconds | peak RSS (GB) |", "|---|---|---|---|---|---|"]
+        for vol in ("ct", "acdc"):
+            r = _run("infer3d", threads, volume=vol, size=size, **dev)
+            results[f"infer3d/{vol}"] = r
+            print(f"measured infer3d {vol}", file=sys.stderr, flush=True)
+            if "slices" in r:
+                lines.append(f"| {vol} | {r['slices']} | {r['slices_per_s']:.2f} | {100 * r['outside_share']:.1f}% | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} |")
+            else:
+                lines.append(f"| {vol} | {r} | | | | |")
+    print("\n".join(lines))
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=2))
+
+
+def _measure_cli(fn):
+    def run(**kwargs):
+        print(json.dumps(fn(**kwargs)))
+
+    return run
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 1 or sys.argv[1].startswith("-"):
+        sys.argv.insert(1, "main")
+    fire.Fire(
+        {
+            "main": main,
+            "measure_peak": _measure_cli(measure_peak),
+            "measure_eval": _measure_cli(measure_eval),
+            "measure_train": _measure_cli(measure_train),
+            "measure_infer3d": _measure_cli(measure_infer3d),
+        }
+    )
