@@ -183,6 +183,7 @@ def measure_infer3d(volume: str, size: int = 224, device: str | None = None, sw_
     net = parser.get_parsed_content("network_def")
     torch.save(net.state_dict(), work / "model.pt")
     parser["bundle_root"] = str(work)
+    parser["ckpt_path"] = str(work / "model.pt")
     parser["device"] = f"$torch.device('{dev}')"
     parser["roi_size"] = [size, size]
     parser["inferer#sw_batch_size"] = sw_batch_size
