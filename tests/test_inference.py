@@ -83,6 +83,9 @@ def test_checkpointing_keeps_outputs_and_gradients():
     torch.testing.assert_close(outs[0].p1 + outs[0].p2, outs[1].p1 + outs[1].p2, rtol=0, atol=0)
     for a, b in zip(plain.parameters(), recomputed.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    # the recomputation must not update BatchNorm's running statistics a second time
+    for a, b in zip(plain.buffers(), recomputed.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_cpu_micro_batches_keep_each_samples_output():
