@@ -238,7 +238,7 @@ class MGRADUNet(nn.Module):
         if self.training:
             return self.forward_all(x, feedback)
         chunk = self.cpu_micro_batch
-        if chunk > 0 and x.device.type == "cpu" and x.shape[0] > chunk and not torch.jit.is_tracing():
+        if chunk > 0 and not torch.jit.is_tracing() and x.device.type == "cpu" and x.shape[0] > chunk:
             # a traced graph would freeze the chunk boundaries of the batch size it was traced with
             outputs: List[torch.Tensor] = []
             for start in range(0, x.shape[0], chunk):
