@@ -6,6 +6,7 @@ import contextlib
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
@@ -39,7 +40,8 @@ class FeedbackTrainer(SupervisedTrainer):
     MODEL_COMPLETED once per batch.
 
     With ``amp=True``, autocast runs in float16 with gradient scaling on CUDA and in bfloat16
-    without scaling on a CPU (``amp_kwargs`` may set another dtype).
+    without scaling on a CPU (``amp_kwargs`` may set another dtype). With ``compile=True`` the
+    network is ``torch.compile``-d (by ``SupervisedTrainer``) and fed plain tensors.
 
     Args:
         feedback_passes: passes per batch, T (3 in the published code).
@@ -72,6 +74,9 @@ class FeedbackTrainer(SupervisedTrainer):
             kwargs: dict = {}
         else:
             inputs, targets, args, kwargs = batch
+        if engine.compile:
+            # torch.compile traces plain tensors; MetaTensor's metadata is not needed for training
+            inputs, targets = (t.as_tensor() if isinstance(t, MetaTensor) else t for t in (inputs, targets))
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
 
         network = engine.network
