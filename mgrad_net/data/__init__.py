@@ -14,6 +14,9 @@ _EXPORTS = {
     "short_axis_phantom": "phantoms",
     "write_phantom_dataset": "phantoms",
     "synthetic_disks": "synthetic",
+    "DataValidationError": "validation",
+    "check_class_config": "validation",
+    "validate_datalist": "validation",
 }
 
 __all__ = sorted(_EXPORTS)

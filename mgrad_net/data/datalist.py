@@ -8,6 +8,7 @@ own folder; any other ``dataset_dir`` must exist.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -88,7 +89,9 @@ def load_datalist(
     if listing.exists():
         try:
             return load_decathlon_datalist(str(listing), True, section, base_dir=str(root))
-        except ValueError as err:
+        except json.JSONDecodeError as err:
+            raise ValueError(f"datalist {str(listing)!r} is not valid JSON: {err}") from err
+        except (ValueError, KeyError, TypeError, IndexError) as err:
             raise ValueError(f"datalist {str(listing)!r} has no usable {section!r} section: {err}") from err
     if datalist and root / "dataset.json" != listing:
         raise FileNotFoundError(f"datalist {str(listing)!r} does not exist.")
