@@ -10,12 +10,13 @@ from typing import Sequence
 
 import torch
 from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
 from monai.utils import string_list_all_gather
 
 from mgrad_net.inference import optimize_for_inference
-from mgrad_net.io import atomic_write_json, atomic_write_text
+from mgrad_net.io import atomic_path, atomic_write_json, atomic_write_text
 
-__all__ = ["SegmentationReport", "OptimizeForInference"]
+__all__ = ["SegmentationReport", "OptimizeForInference", "StopOnNonFiniteLoss"]
 
 
 def _finite_mean(values: Sequence[float]) -> float | None:
@@ -133,3 +134,65 @@ class OptimizeForInference:
 
     def __call__(self, engine: Engine) -> None:
         optimize_for_inference(self.network, fold_bn=self.fold_bn, channels_last=self.channels_last)
+
+
+class StopOnNonFiniteLoss:
+    """Stops training at the first NaN or infinite loss, before it reaches the weights.
+
+    Checks the loss as soon as it is computed (``IterationEvents.LOSS_COMPLETED``, before the
+    backward pass and the optimizer step of that pass), so parameters and optimizer still hold
+    the last good state. BatchNorm's running statistics were already updated by the bad forward,
+    so modules' buffers are kept from just before each forward (they are small) and restored in
+    the saved state. The state goes to ``<save_dir>/last_good.pt`` (atomically), and the run ends
+    with a ``FloatingPointError`` naming the iteration, the feedback pass and the batch's files.
+
+    Args:
+        save_dir: folder of ``last_good.pt``.
+        save_dict: name → object with ``state_dict()`` (network, optimizer, ...).
+        image_key: batch key whose metadata names the batch's files.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, image_key: str = "image") -> None:
+        self.save_dir = Path(save_dir)
+        self.save_dict = {name: getattr(obj, "module", obj) for name, obj in save_dict.items()}  # unwrap DDP
+        self.image_key = image_key
+        self._pass = 0
+        self._buffers: dict[str, dict[str, torch.Tensor]] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self._new_batch)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._keep_buffers)  # before the next pass
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+
+    def _new_batch(self, engine: Engine) -> None:
+        self._pass = 0
+        self._keep_buffers(engine)
+
+    def _keep_buffers(self, engine: Engine) -> None:
+        self._buffers = {
+            name: {b: t.detach().clone() for b, t in obj.named_buffers()}
+            for name, obj in self.save_dict.items()
+            if isinstance(obj, torch.nn.Module)
+        }
+
+    def __call__(self, engine: Engine) -> None:
+        self._pass += 1
+        loss = torch.as_tensor(engine.state.output["loss"])
+        if bool(torch.isfinite(loss).all()):
+            return
+        state = {}
+        for name, obj in self.save_dict.items():
+            state[name] = obj.state_dict()
+            if name in self._buffers:
+                state[name] = {**state[name], **self._buffers[name]}
+        with atomic_path(self.save_dir / "last_good.pt") as tmp:
+            torch.save(state, tmp)
+        batch = engine.state.batch
+        meta = getattr(batch.get(self.image_key), "meta", None) if isinstance(batch, dict) else None
+        files = (meta or {}).get("filename_or_obj", [])
+        files = [files] if isinstance(files, str) else [str(f) for f in files]
+        raise FloatingPointError(
+            f"non-finite loss ({float(loss.float().mean())}) at iteration {engine.state.iteration}, "
+            f"feedback pass {self._pass}, epoch {engine.state.epoch}; batch files: {', '.join(files) or 'unknown'}. "
+            f"Training stopped before this step; the last good state is in {self.save_dir / 'last_good.pt'}."
+        )

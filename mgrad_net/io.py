@@ -9,15 +9,18 @@ unreadable to the other users of a shared data folder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
+import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_save_nifti"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_save_nifti", "keep_previous"]
 
 
 @contextmanager
@@ -51,3 +54,22 @@ def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, dst: str | os.PathL
 
     with atomic_path(dst, suffix=".nii.gz" if str(dst).endswith(".nii.gz") else ".nii") as tmp:
         nib.save(nib.Nifti1Image(array, affine), str(tmp))
+
+
+def keep_previous(path: str | os.PathLike) -> Path | None:
+    """Before a run replaces ``path`` (say, ``models/model.pt``), copy it to
+    ``<stem>_before_<YYYYmmdd-HHMMSS><suffix>`` beside it and log that; return the copy's path.
+
+    A copy, not a rename: the file stays where it is until the run replaces it, so a run that
+    fine-tunes from it still finds it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    kept = path.with_name(f"{path.stem}_before_{stamp}{path.suffix}")
+    if not kept.exists():
+        with atomic_path(kept) as tmp:
+            shutil.copy2(path, tmp)
+    logging.getLogger("mgrad_net").warning("%s will be replaced by this run; the previous file is kept as %s", path, kept)
+    return kept

@@ -63,7 +63,7 @@ def test_training_writes_synthetic_default_and_checkpoints(synthetic_run):
     net.load_state_dict(best)  # the best weights are a plain state dict of the configured network
     latest = list((root / "models").glob("checkpoint*.pt"))
     assert len(latest) == 1
-    state = torch.load(latest[0], map_location="cpu", weights_only=False)
+    state = torch.load(latest[0], map_location="cpu", weights_only=True)  # plain tensors and numbers only
     assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(state)
     assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]  # two epochs done
     assert latest[0].name == "checkpoint_epoch=2.pt"
@@ -126,13 +126,18 @@ def test_finetune_starts_from_the_weights_at_ckpt_path(tmp_path, synthetic_run):
     root = synthetic_run[0]
     start = tmp_path / "start.pt"
     start.write_bytes((root / "models" / "model.pt").read_bytes())
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(b"weights of an earlier run")
     proc = run_bundle(
         "training", ["train"], tmp_path,
         "--dataset_dir", str(root / "data" / "synthetic"), "--ckpt_path", str(start), "--finetune", "true",
         "--max_epochs", "1", "--train#slices_per_volume", "1",
     )  # fmt: skip
     assert f"Restored all variables from {start}" in proc.stdout + proc.stderr
-    assert (tmp_path / "models" / "model.pt").exists()
+    assert (tmp_path / "models" / "model.pt").read_bytes() != b"weights of an earlier run"
+    kept = list((tmp_path / "models").glob("model_before_*.pt"))  # the earlier weights, kept and logged
+    assert len(kept) == 1 and kept[0].read_bytes() == b"weights of an earlier run"
+    assert "the previous file is kept as" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
