@@ -177,7 +177,7 @@ class StopOnNonFiniteLoss:
 
     def __call__(self, engine: Engine) -> None:
         self._pass += 1
-        loss = torch.as_tensor(engine.state.output["loss"])
+        loss = torch.as_tensor(engine.state.output["loss"]).detach()
         if bool(torch.isfinite(loss).all()):
             return
         state = {}
