@@ -176,3 +176,21 @@ def test_a_bad_case_stops_training_before_anything_is_written(tmp_path, syntheti
     assert proc.returncode != 0
     assert f"{broken}: label values [7] outside 0..3 (4 classes)" in proc.stdout + proc.stderr
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_inference_writes_only_into_output_dir_whatever_the_input_path(tmp_path, synthetic_run):
+    root = synthetic_run[0]
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data.mkdir()
+    elsewhere.mkdir()
+    source = root / "data" / "synthetic" / "images" / "phantom_015.nii.gz"
+    (elsewhere / "evil.nii.gz").write_bytes(source.read_bytes())
+    listing = data / "dataset.json"
+    listing.write_text(json.dumps({"test": [{"image": "../elsewhere/evil.nii.gz"}]}))
+    out = tmp_path / "out"
+    run_bundle(
+        "inference", ["inference"], tmp_path, "--dataset_dir", str(data), "--datalist", str(listing),
+        "--output_dir", str(out), "--ckpt_path", str(root / "models" / "model.pt"),
+    )  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["evil_seg.nii.gz"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["evil.nii.gz"]  # nothing written beside the input

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+
 import pytest
 import torch
 from ignite.engine import Events
 from monai.data import DataLoader
 from monai.data.meta_tensor import MetaTensor
+from monai.engines import SupervisedEvaluator
+from monai.handlers import CheckpointLoader
 from monai.utils import set_determinism
 
 from mgrad_net.data import synthetic_disks
@@ -80,3 +85,29 @@ def test_two_seeded_cpu_runs_give_identical_losses():
     set_determinism(seed=None)
     assert len(losses[0]) == 2 * 2 * 3
     assert losses[0] == losses[1]
+
+
+class _Payload:
+    """A "checkpoint" that runs a shell command when unpickled."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "model.pt"
+    torch.save({"model": _Payload(str(marker))}, evil)
+    net = tiny_net(out_channels=2)
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(synthetic_disks(2, seed=0), batch_size=2),
+        network=net,
+        val_handlers=[CheckpointLoader(load_path=str(evil), load_dict={"model": net}, map_location="cpu")],
+    )
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        evaluator.run()
+    assert not marker.exists()
