@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,13 @@ TINY_OVERRIDES = [
     "--network_def#decoder_channels", "8",
     "--roi_size", "[48,48]",
 ]  # fmt: skip
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def configs(*names: str) -> str:

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 from monai.bundle import verify_metadata
 
-from tests.bundle_utils import CONFIGS, REPO
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.bundle_utils import CONFIGS, REPO, free_port
 
 
 SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
@@ -63,7 +57,7 @@ print("properties ok")
 def test_config_workflow_properties(files, workflow_type, tmp_path):
     # in a subprocess: multi_gpu_train's initialize starts a (one-process, gloo) group as torchrun
     # would, and a destroyed group would leave Ignite's distributed state behind in this process
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     paths = ",".join(str(CONFIGS / f"{f}.json") for f in files)
     proc = subprocess.run(
         [sys.executable, "-c", _CHECK, paths, workflow_type, str(tmp_path),

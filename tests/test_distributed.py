@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,15 +16,9 @@ from monai.data import DataLoader
 from mgrad_net.engines import FeedbackTrainer
 from mgrad_net.losses import MGRADLoss
 from mgrad_net.networks import MGRADUNet
-from tests.bundle_utils import CONFIGS, TINY_OVERRIDES
+from tests.bundle_utils import CONFIGS, TINY_OVERRIDES, free_port
 
 pytestmark = pytest.mark.distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # what each rank saw and ended with, recorded through the bundle's own config mechanism
@@ -108,7 +101,7 @@ def _rank_main(rank: int, port: int, per_rank: int, passes: int, out: str) -> No
 
 def test_two_ranks_with_batch_b_step_like_one_process_with_batch_2b(tmp_path):
     per_rank, passes = 2, 2
-    mp.spawn(_rank_main, args=(_free_port(), per_rank, passes, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(free_port(), per_rank, passes, str(tmp_path)), nprocs=2, join=True)
     single = _net()
     _train(single, _data(2 * per_rank), passes)
     for r in (0, 1):

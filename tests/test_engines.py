@@ -92,13 +92,17 @@ def test_engine_output_holds_what_monai_handlers_expect():
     torch.testing.assert_close(torch.as_tensor(out[0]["loss"]), mean)
 
 
-def test_amp_trains_on_the_available_device():
+def _assert_two_passes_train(**trainer_kwargs):
     net = tiny_net(out_channels=2)
     before = [p.detach().clone() for p in net.parameters()]
-    trainer = _trainer(net, passes=2, amp=True)
+    trainer = _trainer(net, passes=2, **trainer_kwargs)
     trainer.run()
     assert all(torch.isfinite(loss) for loss in trainer.state.pass_losses)
     assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
+
+
+def test_amp_trains_on_the_available_device():
+    _assert_two_passes_train(amp=True)
 
 
 def test_baseline_network_without_feedback_trains_with_the_same_engine():
@@ -138,9 +142,4 @@ def test_tiny_network_learns_synthetic_disks_with_feedback_training():
 @pytest.mark.compile
 def test_compile_switch_trains_the_compiled_network():
     """About 6 minutes on 2 CPU cores (inductor compiles forward and backward, with and without feedback)."""
-    net = tiny_net(out_channels=2)
-    before = [p.detach().clone() for p in net.parameters()]
-    trainer = _trainer(net, passes=2, compile=True)
-    trainer.run()
-    assert all(torch.isfinite(loss) for loss in trainer.state.pass_losses)
-    assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
+    _assert_two_passes_train(compile=True)
