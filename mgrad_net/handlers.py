@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +17,7 @@ from monai.utils import string_list_all_gather
 from mgrad_net.inference import optimize_for_inference
 from mgrad_net.io import atomic_path, atomic_write_json, atomic_write_text
 
-__all__ = ["SegmentationReport", "OptimizeForInference", "StopOnNonFiniteLoss"]
+__all__ = ["SegmentationReport", "OptimizeForInference", "StopOnNonFiniteLoss", "TrainingLog", "read_training_log", "BestMetricRecord"]
 
 
 def _finite_mean(values: Sequence[float]) -> float | None:
@@ -196,3 +197,137 @@ class StopOnNonFiniteLoss:
             f"feedback pass {self._pass}, epoch {engine.state.epoch}; batch files: {', '.join(files) or 'unknown'}. "
             f"Training stopped before this step; the last good state is in {self.save_dir / 'last_good.pt'}."
         )
+
+
+TRAINING_LOG_FIELDS = ("epoch", "iterations", "loss", "lr", "seconds", "val_mean_dice", "best_val_mean_dice")
+
+
+def read_training_log(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a :class:`TrainingLog` CSV, oldest epoch first (empty if there is none yet)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class TrainingLog:
+    """One CSV row per training epoch: mean loss, learning rate, wall time, and the validation
+    Dice (mean and per class) of the validation that ran at the end of that epoch.
+
+    Attach it to the trainer *after* the ``ValidationHandler`` (handlers of one event run in the
+    order attached), so the row sees that epoch's validation. The file is rewritten atomically
+    each epoch; rows of epochs at or after the current one are dropped first, so a run resumed
+    from an earlier checkpoint continues the log instead of duplicating epochs.
+
+    Args:
+        path: the CSV file.
+        validator: the evaluator whose key metric (and its per-case details) the row reports.
+        class_names: names of the classes the key metric covers, for the per-class columns.
+        metric_name: the evaluator's key metric.
+        optimizer: the learning rate of its first parameter group, as the epoch started, is logged.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        validator: Engine | None = None,
+        class_names: Sequence[str] = (),
+        metric_name: str = "val_mean_dice",
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.validator = validator
+        self.class_names = list(class_names)
+        self.metric_name = metric_name
+        self.optimizer = optimizer
+        self._losses: list[float] = []
+        self._started = 0.0
+        self._lr: float | str = ""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _start(self, engine: Engine) -> None:
+        self._losses = []
+        self._started = time.perf_counter()
+        self._lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else ""
+
+    def _collect(self, engine: Engine) -> None:
+        output = engine.state.output
+        if isinstance(output, list):  # decollated: every item carries the batch's loss
+            output = output[0] if output else None
+        loss = output.get("loss") if isinstance(output, dict) else output
+        if loss is not None:
+            self._losses.append(float(torch.as_tensor(loss).detach().float().mean()))
+
+    def _validation(self) -> dict[str, float | str]:
+        row: dict[str, float | str] = {"val_mean_dice": "", "best_val_mean_dice": ""}
+        state = getattr(self.validator, "state", None)
+        if state is None or self.metric_name not in state.metrics:
+            return row
+        row["val_mean_dice"] = float(state.metrics[self.metric_name])
+        if getattr(state, "best_metric", -1) != -1:
+            row["best_val_mean_dice"] = float(state.best_metric)
+        details = getattr(state, "metric_details", {}).get(self.metric_name)
+        if details is not None and self.class_names:
+            values = torch.as_tensor(details).float().reshape(-1, len(self.class_names))
+            for name, column in zip(self.class_names, values.T):
+                finite = column[torch.isfinite(column)]
+                row[f"val_dice_{name}"] = float(finite.mean()) if finite.numel() else float("nan")
+        return row
+
+    def _write(self, engine: Engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_rank() != 0:
+                return
+        row = {
+            "epoch": engine.state.epoch,
+            "iterations": engine.state.iteration,
+            "loss": sum(self._losses) / len(self._losses) if self._losses else float("nan"),
+            "lr": self._lr,
+            "seconds": round(time.perf_counter() - self._started, 3),
+            **self._validation(),
+        }
+        rows = [r for r in read_training_log(self.path) if int(r["epoch"]) < engine.state.epoch]
+        fields = list(TRAINING_LOG_FIELDS) + [f"val_dice_{n}" for n in self.class_names]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows([*rows, row])
+        atomic_write_text(self.path, buf.getvalue())
+
+
+class BestMetricRecord:
+    """The best-validation record of a run, as one checkpointable object.
+
+    Put it in the resumable checkpoint's ``save_dict``: it saves the evaluator's ``best_metric``
+    and ``best_metric_epoch``, and on loading restores them and tells the key-metric
+    ``CheckpointSaver`` which score its ``model.pt`` holds, so a resumed run neither forgets its
+    best epoch nor replaces the best weights with a worse first validation.
+
+    Args:
+        evaluator: the engine that validates and keeps ``state.best_metric``.
+        saver: the ``CheckpointSaver`` that keeps the best weights (``save_key_metric=True``).
+        filename: the saver's ``key_metric_filename``.
+    """
+
+    def __init__(self, evaluator: Engine, saver, filename: str = "model.pt") -> None:
+        self.evaluator = evaluator
+        self.saver = saver
+        self.filename = filename
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {
+            "best_metric": float(self.evaluator.state.best_metric),
+            "best_metric_epoch": int(self.evaluator.state.best_metric_epoch),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.evaluator.state.best_metric = float(state_dict["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
+        if self.evaluator.state.best_metric_epoch != -1:
+            # the format of ignite's Checkpoint.state_dict(): its list of (score, file) pairs
+            self.saver.load_state_dict({"_saved": [(self.evaluator.state.best_metric, self.filename)]})

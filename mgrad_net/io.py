@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from monai.data import NibabelWriter
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_save_nifti", "keep_previous"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_save_nifti", "keep_previous", "latest_checkpoint", "AtomicNibabelWriter"]
 
 
 @contextmanager
@@ -73,3 +74,36 @@ def keep_previous(path: str | os.PathLike) -> Path | None:
             shutil.copy2(path, tmp)
     logging.getLogger("mgrad_net").warning("%s will be replaced by this run; the previous file is kept as %s", path, kept)
     return kept
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> str:
+    """The path of the newest resumable checkpoint in ``ckpt_dir``: the ``<prefix>_epoch=N.pt``
+    (as ``CheckpointSaver`` names them) with the largest N.
+
+    Raises:
+        FileNotFoundError: naming the folder, when it holds no such file.
+    """
+    found = []
+    for path in Path(ckpt_dir).glob(f"{prefix}_epoch=*.pt"):
+        number = path.stem.rsplit("=", 1)[-1]
+        if number.isdigit():
+            found.append((int(number), path))
+    if not found:
+        raise FileNotFoundError(
+            f"nothing to resume: {ckpt_dir} holds no {prefix}_epoch=<N>.pt (the checkpoint a training run "
+            "saves after each epoch); start without --resume, or point --ckpt_dir at the run's folder."
+        )
+    return str(max(found)[1])
+
+
+class AtomicNibabelWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` writing through :func:`atomic_path`: a segmentation file is
+    either complete or absent, never a truncated ``.nii.gz`` that a viewer half-reads after a
+    crash. Give it to ``SaveImage(d)`` as ``writer``.
+    """
+
+    def write(self, filename, verbose: bool = False, **obj_kwargs) -> None:
+        name = str(filename)
+        suffix = ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+        with atomic_path(filename, suffix=suffix) as tmp:
+            super().write(tmp, verbose=verbose, **obj_kwargs)

@@ -31,14 +31,7 @@ def configs(*names: str) -> str:
     return json.dumps([str(CONFIGS / f"{n}.json") for n in names])
 
 
-def run_bundle(
-    runner: str | None,
-    config_names: list[str],
-    bundle_root: Path,
-    *overrides: str,
-    check: bool = True,
-    tiny: bool = True,
-) -> subprocess.CompletedProcess:
+def bundle_command(runner: str | None, config_names: list[str], bundle_root: Path, *overrides: str, tiny: bool = True) -> list[str]:
     """``python -m monai.bundle run [runner] --config_file [...] --bundle_root … <overrides>``.
 
     ``tiny`` adds :data:`TINY_OVERRIDES` before ``overrides``.
@@ -54,6 +47,19 @@ def run_bundle(
         *(TINY_OVERRIDES if tiny else []),
         *overrides,
     ]  # fmt: skip
+    return cmd
+
+
+def run_bundle(
+    runner: str | None,
+    config_names: list[str],
+    bundle_root: Path,
+    *overrides: str,
+    check: bool = True,
+    tiny: bool = True,
+) -> subprocess.CompletedProcess:
+    """Runs :func:`bundle_command` to its end; ``check`` raises with its output when it fails."""
+    cmd = bundle_command(runner, config_names, bundle_root, *overrides, tiny=tiny)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=bundle_root)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +21,10 @@ from monai.utils import set_determinism
 
 from mgrad_net.data import synthetic_disks
 from mgrad_net.engines import FeedbackTrainer
-from mgrad_net.handlers import StopOnNonFiniteLoss
+from mgrad_net.handlers import StopOnNonFiniteLoss, read_training_log
 from mgrad_net.io import keep_previous
 from mgrad_net.losses import MGRADLoss
+from tests.bundle_utils import bundle_command, run_bundle
 from tests.conftest import tiny_net
 
 
@@ -111,3 +117,113 @@ def test_a_checkpoint_carrying_code_is_refused_and_never_runs(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         evaluator.run()
     assert not marker.exists()
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended ({proc.returncode}) before {path.name} was written:\n{proc.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {path.name} after {timeout} s")
+        time.sleep(0.05)
+
+
+def test_training_killed_mid_epoch_resumes_where_its_checkpoint_left_off(tmp_path):
+    # one volume per batch: 12 iterations an epoch, so the kill lands well inside epoch 3
+    settings = ["--max_epochs", "4", "--train#dataloader#batch_size", "1", "--train#slices_per_volume", "2"]
+    settings += ["--lr_scheduler#power", "0.9"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for root in (whole, killed):
+        root.mkdir()
+    run_bundle("training", ["train"], whole, *settings)
+
+    cmd = bundle_command("training", ["train"], killed, *settings)
+    proc = subprocess.Popen(cmd, cwd=killed, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(killed / "models" / "checkpoint_epoch=2.pt", proc)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "models" / "checkpoint_epoch=3.pt").exists(), "the kill came after epoch 3 ended"
+    before = read_training_log(killed / "eval" / "training_log.csv")
+    assert [int(r["epoch"]) for r in before] == [1, 2]
+    assert not list((killed / "models").glob(".*.tmp*")), "a half-written file survived the kill"
+
+    run_bundle("training", ["train"], killed, *settings, "--resume", "True")
+    after = read_training_log(killed / "eval" / "training_log.csv")
+    reference = read_training_log(whole / "eval" / "training_log.csv")
+
+    def column(rows, name):
+        return [r[name] for r in rows]
+
+    # the epoch count, iteration count and LR schedule continue as if never interrupted
+    for name in ("epoch", "iterations", "lr"):
+        assert column(after, name) == column(reference, name), name
+    # epochs before the kill are the same seeded run; the best-metric record spans the kill
+    assert after[:2] == before
+    assert column(after, "val_mean_dice")[:2] == column(reference, "val_mean_dice")[:2]
+    dice = [float(v) for v in column(after, "val_mean_dice")]
+    assert float(after[-1]["best_val_mean_dice"]) == pytest.approx(max(dice))
+    state = torch.load(killed / "models" / "checkpoint_epoch=4.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == int(reference[-1]["iterations"])
+    assert state["lr_scheduler"]["last_epoch"] == 4
+    assert state["best"]["best_metric"] == pytest.approx(max(dice))
+
+
+def test_resume_without_a_checkpoint_names_the_folder(tmp_path):
+    proc = run_bundle("training", ["train"], tmp_path, "--max_epochs", "1", "--resume", "True", check=False)
+    assert proc.returncode != 0
+    assert f"nothing to resume: {tmp_path / 'models'} holds no checkpoint_epoch=<N>.pt" in proc.stderr + proc.stdout
+
+
+def test_segmentations_are_written_whole_or_not_at_all(tmp_path):
+    import nibabel as nib
+    import numpy as np
+    from monai.transforms import SaveImage
+
+    from mgrad_net.io import AtomicNibabelWriter
+
+    seg = MetaTensor(torch.randint(0, 4, (1, 8, 6, 3)), affine=torch.diag(torch.tensor([1.5, 1.5, 8.0, 1.0])))
+    seg.meta["filename_or_obj"] = "case.nii.gz"
+    save = SaveImage(output_dir=tmp_path, output_postfix="seg", separate_folder=False, writer=AtomicNibabelWriter,
+                     output_dtype=np.uint8, resample=False, print_log=False)  # fmt: skip
+    save(seg)
+    written = tmp_path / "case_seg.nii.gz"
+    img = nib.load(written)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), seg[0].numpy())
+    np.testing.assert_allclose(img.affine, seg.affine.numpy())
+    before = written.read_bytes()
+
+    # a process killed while it replaces the file with a large one leaves the old file whole
+    writer = f"""
+import sys, numpy as np, torch
+from monai.data.meta_tensor import MetaTensor
+from monai.transforms import SaveImage
+from mgrad_net.io import AtomicNibabelWriter
+big = MetaTensor(torch.randint(0, 255, (1, 512, 512, 160), dtype=torch.uint8))
+big.meta["filename_or_obj"] = "case.nii.gz"
+save = SaveImage(output_dir={str(tmp_path)!r}, output_postfix="seg", separate_folder=False,
+                 writer=AtomicNibabelWriter, output_dtype=np.uint8, resample=False, print_log=False)
+print("writing", flush=True)
+save(big)
+print("done", flush=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the write ended before the kill; make the volume larger"
+    assert written.read_bytes() == before
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "case_seg.nii.gz"]
+    assert all(n.startswith(".case_seg.nii.gz.") for n in leftovers), leftovers  # hidden, never the real name
