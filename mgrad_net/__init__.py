@@ -7,7 +7,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"data", "engines", "handlers", "io", "losses", "networks"}
+_SUBMODULES = {"data", "engines", "handlers", "inference", "io", "losses", "networks", "visualize"}
 
 
 def __getattr__(name: str) -> Any:
