@@ -74,3 +74,15 @@ def test_runner_names_alias_run():
         for f in files:
             merged.update(json.loads((CONFIGS / f"{f}.json").read_text()))
         assert merged[alias] == "@run"
+
+
+def test_verify_bundle_script_passes_every_check():
+    weights = REPO / "bundle" / "models" / "model.pt"
+    if not weights.is_file():
+        pytest.skip(f"no shipped weights at {weights}")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "verify_bundle.py"), str(REPO / "bundle")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert len(lines) == 7 and all(line.startswith("PASS") for line in lines), proc.stdout
+    assert "7 of 7 checks passed" in proc.stdout

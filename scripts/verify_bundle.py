@@ -1,0 +1,185 @@
+"""Run on a bundle folder the checks the MONAI model zoo's CI runs, offline, and say which pass.
+
+    python scripts/verify_bundle.py bundle
+
+Checks, in order (each prints PASS or FAIL with its reason; the exit status is the number failed):
+
+1. files: the necessary ``configs/metadata.json`` and ``LICENSE``; the preferred
+   ``models/model.pt``, ``configs/inference.json`` (or .yaml/.yml) and ``docs/README.md``;
+2. changelog: ``version`` is a key of ``changelog`` in metadata.json;
+3. json format: every ``configs/*.json`` is written with indent 4 (as ``json.dumps(…, indent=4)``);
+4. metadata schema: ``monai.bundle.verify_metadata`` against the schema metadata.json names, read
+   from the pinned copy in ``scripts/schemas/`` (nothing downloads here);
+5. properties: ``ConfigWorkflow.check_properties()`` for the train and the inference workflow;
+6. net in/out: ``monai.bundle.verify_net_in_out`` on the CPU, shapes from metadata.json;
+7. torchscript: ``monai.bundle.ckpt_export`` of ``models/model.pt``, then the exported file is
+   loaded with ``torch.jit.load`` and run, its output compared with the eager network's.
+
+The model zoo's CI runs the network checks on a GPU where it has one; here everything runs on
+the CPU, which is what a user without a GPU gets.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import fire
+import torch
+
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+NECESSARY = ("configs/metadata.json", "LICENSE")
+PREFERRED = ("models/model.pt", "configs/inference", "docs/README.md")
+
+
+def _find_config(bundle: Path, stem: str) -> Path | None:
+    for suffix in (".json", ".yaml", ".yml"):
+        if (bundle / "configs" / f"{stem}{suffix}").is_file():
+            return bundle / "configs" / f"{stem}{suffix}"
+    return None
+
+
+def check_files(bundle: Path) -> str:
+    missing = [f for f in NECESSARY if not (bundle / f).is_file()]
+    for f in PREFERRED:
+        found = _find_config(bundle, Path(f).name) if f.startswith("configs/") else (bundle / f).is_file()
+        if not found:
+            missing.append(f)
+    if missing:
+        raise FileNotFoundError(f"missing in {bundle}: {', '.join(missing)}")
+    return f"{len(NECESSARY)} necessary and {len(PREFERRED)} preferred files present"
+
+
+def check_changelog(bundle: Path) -> str:
+    meta = json.loads((bundle / "configs/metadata.json").read_text())
+    for key in ("version", "changelog"):
+        if key not in meta:
+            raise KeyError(f"configs/metadata.json has no {key!r}")
+    if meta["version"] not in meta["changelog"]:
+        raise ValueError(f"version {meta['version']} is not in the changelog of configs/metadata.json")
+    return f"version {meta['version']} is in the changelog"
+
+
+def check_json_format(bundle: Path) -> str:
+    files = sorted((bundle / "configs").glob("*.json"))
+    bad = [f.name for f in files if f.read_text().rstrip("\n") != json.dumps(json.loads(f.read_text()), indent=4)]
+    if bad:
+        raise ValueError(f"not formatted as json.dumps(indent=4): {', '.join(bad)}")
+    return f"{len(files)} files formatted with indent 4"
+
+
+def check_metadata_schema(bundle: Path, schema: str | None = None) -> str:
+    from monai.bundle import verify_metadata
+
+    meta_file = bundle / "configs/metadata.json"
+    name = json.loads(meta_file.read_text())["schema"].rsplit("/", 1)[-1]
+    schema_file = Path(schema) if schema else SCHEMAS / name
+    if not schema_file.is_file():
+        raise FileNotFoundError(f"no local copy of the schema {name} at {schema_file}; pass --schema")
+    verify_metadata(meta_file=str(meta_file), filepath=str(schema_file))
+    return f"metadata.json is valid against {schema_file.name}"
+
+
+def check_properties(bundle: Path) -> str:
+    from monai.bundle import ConfigWorkflow
+
+    done = []
+    for stem, workflow_type in (("train", "train"), ("inference", "infer")):
+        config = _find_config(bundle, stem)
+        if config is None:
+            raise FileNotFoundError(f"no configs/{stem}.json in {bundle}")
+        workflow = ConfigWorkflow(
+            config_file=str(config),
+            meta_file=str(bundle / "configs/metadata.json"),
+            logging_file=str(bundle / "configs/logging.conf"),
+            workflow_type=workflow_type,
+            bundle_root=str(bundle),
+        )
+        missing = workflow.check_properties()
+        if missing:
+            raise ValueError(f"{config.name}: missing {workflow_type} properties {missing}")
+        done.append(f"{workflow_type} ({config.name})")
+    return "required properties present for " + " and ".join(done)
+
+
+def check_net_in_out(bundle: Path) -> str:
+    from monai.bundle import verify_net_in_out
+
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(bundle / "configs/metadata.json"),
+        config_file=str(_find_config(bundle, "inference")),
+        bundle_root=str(bundle),
+        device="cpu",
+        n=4,  # 64x64: a size every level of the network can halve
+    )
+    return "network input and output shapes match metadata.json (n=4 on the CPU)"
+
+
+def check_torchscript(bundle: Path, atol: float = 1e-4) -> str:
+    from monai.bundle import ConfigParser, ckpt_export
+
+    config = str(_find_config(bundle, "inference"))
+    meta = str(bundle / "configs/metadata.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = Path(tmp) / "model.ts"
+        ckpt_export(
+            net_id="network_def",
+            filepath=str(exported),
+            ckpt_file=str(bundle / "models/model.pt"),
+            meta_file=meta,
+            config_file=config,
+            bundle_root=str(bundle),
+            use_trace=True,
+            input_shape=[1, 1, 64, 64],
+        )
+        scripted = torch.jit.load(str(exported), map_location="cpu")
+        parser = ConfigParser()
+        parser.read_config(config)
+        parser["bundle_root"] = str(bundle)
+        net = parser.get_parsed_content("network_def").eval()
+        net.load_state_dict(torch.load(bundle / "models/model.pt", map_location="cpu", weights_only=True))
+        x = torch.rand(2, 1, 96, 96, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            diff = (scripted(x) - net(x)).abs().max().item()
+    if diff > atol:
+        raise AssertionError(f"TorchScript output differs from eager by {diff:.2e} (> {atol:.0e})")
+    return f"exported, loaded and run; max |TorchScript - eager| = {diff:.1e} at 2x1x96x96 (tolerance {atol:.0e})"
+
+
+def verify(bundle: str = "bundle", schema: str | None = None) -> int:
+    """Run every check on ``bundle``; print one line each; return (exit with) the number failed.
+
+    Args:
+        bundle: the bundle folder (holding ``configs/``).
+        schema: the metadata schema file; default: ``scripts/schemas/<name metadata.json gives>``.
+    """
+    root = Path(bundle).resolve()
+    sys.path.insert(0, str(root))  # as MONAI does before running a bundle: its own scripts import
+    checks: list[tuple[str, Callable[[], str]]] = [
+        ("files", lambda: check_files(root)),
+        ("changelog", lambda: check_changelog(root)),
+        ("json format", lambda: check_json_format(root)),
+        ("metadata schema", lambda: check_metadata_schema(root, schema)),
+        ("properties", lambda: check_properties(root)),
+        ("net in/out", lambda: check_net_in_out(root)),
+        ("torchscript", lambda: check_torchscript(root)),
+    ]
+    failed = 0
+    for name, check in checks:
+        try:
+            print(f"PASS {name}: {check()}", flush=True)
+        except Exception as e:  # every check runs and reports, whatever the others did
+            failed += 1
+            print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+            traceback.print_exc(file=sys.stderr)
+    print(f"{len(checks) - failed} of {len(checks)} checks passed for {root}")
+    return failed
+
+
+if __name__ == "__main__":
+    sys.exit(fire.Fire(verify))
