@@ -92,14 +92,21 @@ def check_properties(bundle: Path) -> str:
         config = _find_config(bundle, stem)
         if config is None:
             raise FileNotFoundError(f"no configs/{stem}.json in {bundle}")
-        workflow = ConfigWorkflow(
-            config_file=str(config),
-            meta_file=str(bundle / "configs/metadata.json"),
-            logging_file=str(bundle / "configs/logging.conf"),
-            workflow_type=workflow_type,
-            bundle_root=str(bundle),
-        )
-        missing = workflow.check_properties()
+        # properties resolve only after initialize, which writes (synthetic data, a copy of old
+        # weights): give it a scratch bundle_root so the bundle itself is left as it is
+        with tempfile.TemporaryDirectory() as scratch:
+            workflow = ConfigWorkflow(
+                config_file=str(config),
+                meta_file=str(bundle / "configs/metadata.json"),
+                logging_file=str(bundle / "configs/logging.conf"),
+                workflow_type=workflow_type,
+                bundle_root=scratch,
+            )
+            workflow.initialize()
+            try:
+                missing = workflow.check_properties()
+            finally:
+                workflow.finalize()
         if missing:
             raise ValueError(f"{config.name}: missing {workflow_type} properties {missing}")
         done.append(f"{workflow_type} ({config.name})")

@@ -1,0 +1,49 @@
+"""The shipped weights: they load on a CPU, and the bundle's evaluate on the shared ACDC validation
+set reproduces the model card's results row to the second decimal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.bundle_utils import REPO, SHARED_DATA
+
+WEIGHTS = REPO / "bundle" / "models" / "model.pt"
+RESULTS = REPO / "bundle" / "docs" / "results.md"
+ROW = "MGRAD-UNet (shipped weights)"
+
+
+def _row(table: str, name: str) -> list[str]:
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == name:
+            return cells
+    raise AssertionError(f"no row {name!r} in:\n{table}")
+
+
+def test_shipped_weights_load_on_a_cpu_into_the_default_network():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle" / "configs" / "inference.json"))
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))  # strict: every key, every shape
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "acdc" / "validation").is_dir(), reason="shared ACDC data not found")
+def test_evaluate_reproduces_the_model_card(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compare_models.py"), "--rows", ROW,
+         "--dataset_dir", str(SHARED_DATA / "acdc"), "--output_dir", str(tmp_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured, card = _row(proc.stdout, ROW), _row(RESULTS.read_text(), ROW)
+    header = _row(RESULTS.read_text(), "model")
+    for name, got, expected in zip(header, measured, card):
+        if name.startswith(("Dice", "IoU")):
+            assert abs(float(got) - float(expected)) < 0.005, (name, got, expected)
