@@ -143,7 +143,7 @@ def test_finetune_starts_from_the_weights_at_ckpt_path(tmp_path, synthetic_run):
 @pytest.mark.slow
 @pytest.mark.skipif(not ACDC.is_dir(), reason=f"shared ACDC data not found at {ACDC}")
 def test_training_on_real_acdc_rises_well_above_chance(tmp_path):
-    """One epoch of the quick variant on the 140 ACDC training volumes (about 4 minutes here; the
+    """One epoch of the quick variant on the 140 ACDC training volumes (about 5 minutes here; the
     shipped weights' own evaluation is tests/test_shipped_weights.py)."""
     data = ["--dataset_dir", str(ACDC)]
     proc = run_bundle("training", ["train", "quick"], tmp_path, *data, "--max_epochs", "1", tiny=False)
