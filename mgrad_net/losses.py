@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from monai.losses import DiceCELoss
 from monai.networks.utils import one_hot
+from torch.utils.checkpoint import checkpoint
 
 from mgrad_net.networks.mgrad_unet import MGRADOutput
 
@@ -99,36 +100,62 @@ class SegmentationLoss(DiceCELoss):
 class AggregatedLoss(nn.Module):
     """Aggregated loss (eq. 11, Algorithm 1): Σ_{s ⊆ {1..n}, s ≠ ∅} L_seg(Σ_{i∈s} S_i).
 
-    All 2^n − 1 subset sums are formed at once with a subset matrix and scored in one call of
-    ``seg_loss``: the subsets are stacked as extra samples (per-sample Dice) or, for the
-    batch-pooled Dice, as samples whose voxels are the whole batch. Both give each subset's
-    own loss, and the mean over subsets times their count is the sum Algorithm 1 takes.
+    The 2^n − 1 subset sums are formed with a subset matrix and scored in calls of ``seg_loss``
+    over ``subsets_per_call`` subsets at a time: the subsets are stacked as extra samples
+    (per-sample Dice) or, for the batch-pooled Dice, as samples whose voxels are the whole batch.
+    Both give each subset's own loss, and the mean over a call's subsets times their count is
+    their sum, as Algorithm 1 takes it.
+
+    The subset sums, their softmax and the matching one-hot targets are the largest tensors of a
+    training step: 31 × B × K × spatial floats each, 0.45 GB at batch 8, 224², 9 classes. Scoring
+    a few subsets per call bounds what exists at once; with ``recompute`` none of it is kept for
+    the backward pass, each call's share is formed again from the n side outputs (one more
+    evaluation of this loss, a few percent of a step).
 
     Args:
         seg_loss: the loss applied to every subset sum; a :class:`SegmentationLoss` by default.
+        recompute: recompute the subset sums during backward instead of keeping them.
+        subsets_per_call: subsets scored per call (all at once: 2^n − 1).
     """
 
-    def __init__(self, seg_loss: SegmentationLoss | None = None) -> None:
+    def __init__(
+        self, seg_loss: SegmentationLoss | None = None, recompute: bool = True, subsets_per_call: int = 8
+    ) -> None:
         super().__init__()
+        if subsets_per_call < 1:
+            raise ValueError(f"subsets_per_call must be at least 1, got {subsets_per_call}.")
         self.seg_loss = seg_loss if seg_loss is not None else SegmentationLoss()
         # scores the folded subsets: one "sample" per subset (batch pooling, if any, is in the fold)
         self.per_subset = SegmentationLoss(batch=False, **self.seg_loss.config)
+        self.recompute = recompute
+        self.subsets_per_call = int(subsets_per_call)
 
     def forward(self, side: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         if len(side) == 0:
             raise ValueError("AggregatedLoss needs at least one side output, got none.")
         stacked = torch.stack(list(side))  # n×B×K×spatial
-        n, b, k = stacked.shape[:3]
-        subsets = subset_matrix(n, stacked.device, stacked.dtype)
-        sums = torch.einsum("sn,n...->s...", subsets, stacked)  # S×B×K×spatial
-        s = sums.shape[0]
-        onehot = self.seg_loss.as_one_hot(side[0], target).unsqueeze(0).expand_as(sums)
+        onehot = self.seg_loss.as_one_hot(side[0], target)
+        subsets = subset_matrix(len(side), stacked.device, stacked.dtype)
+        recompute = self.recompute and torch.is_grad_enabled() and stacked.requires_grad
+        total = stacked.new_zeros(())
+        for rows in subsets.split(self.subsets_per_call):
+            if recompute:
+                total = total + checkpoint(self._score, rows, stacked, onehot, use_reentrant=False)
+            else:
+                total = total + self._score(rows, stacked, onehot)
+        return total
+
+    def _score(self, rows: torch.Tensor, stacked: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """The summed loss of the subsets in ``rows`` (a block of the subset matrix)."""
+        sums = torch.einsum("sn,n...->s...", rows, stacked)  # s×B×K×spatial
+        s, b, k = sums.shape[:3]
+        targets = onehot.unsqueeze(0).expand_as(sums)
         if self.seg_loss.batch:
             # each subset becomes one "sample" whose voxels are all of the batch's
             fold = lambda t: t.transpose(1, 2).reshape(s, k, -1)  # noqa: E731
         else:
             fold = lambda t: t.reshape(s * b, k, -1)  # noqa: E731
-        return s * self.per_subset(fold(sums), fold(onehot))
+        return s * self.per_subset(fold(sums), fold(targets))
 
 
 class WeightedSideLoss(nn.Module):

@@ -9,8 +9,8 @@ shared between them); the parent prints one table with ratios:
    MGRAD-UNet as the bundle infers (``optimized``: BatchNorm folded, channels-last), and
    BasicUNet(features=(56, 112, 224, 448, 896, 56)), the yardstick matched in parameters;
 3. one feedback training step (3 passes, batch 8, 9 classes, full width, MGRAD loss with the
-   aggregated side loss): seconds and peak resident memory, with and without activation
-   checkpointing, beside BasicUNet's 3 plain steps with DiceCE;
+   aggregated side loss): seconds and peak resident memory, for each checkpointing mode and
+   without transparent huge pages, beside BasicUNet's 3 plain steps with DiceCE;
 4. end-to-end 3D inference through the bundle's inference config (transforms, SliceInferer,
    inversion, NIfTI writing) on a 512×512×100 CT-like volume and on an ACDC volume: slices/s,
    share of time outside the network forward, peak memory.
@@ -18,6 +18,9 @@ shared between them); the parent prints one table with ratios:
     python scripts/benchmark.py                       # everything, about 15 minutes on 2 cores
     python scripts/benchmark.py --parts="eval,train"  # a subset
     python scripts/benchmark.py --size=96 --batch=4   # a quick look
+
+Every subprocess runs with ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch then backs tensors of 2 MB and more
+with transparent huge pages), except the row that says otherwise.
 
 Not part of the test suite. Results and the optimisations tried are in ``scripts/benchmark.md``.
 """
@@ -124,7 +127,7 @@ def measure_eval(
 
 
 def measure_train(
-    net: str, batch: int = 8, size: int = 224, classes: int = 9, passes: int = 3, checkpointing: bool = False,
+    net: str, batch: int = 8, size: int = 224, classes: int = 9, passes: int = 3, checkpointing: bool | str = False,
     device: str | None = None,
 ) -> dict:  # fmt: skip
     """One training step: MGRAD-UNet's ``passes`` feedback passes with the MGRAD loss, or BasicUNet's
@@ -219,10 +222,12 @@ def measure_infer3d(volume: str, size: int = 224, device: str | None = None, sw_
 # ---------------------------------------------------------------- the table (parent process)
 
 
-def _run(kind: str, threads: int | None, **kwargs) -> dict:
+def _run(kind: str, threads: int | None, huge_pages: bool = True, **kwargs) -> dict:
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    # PyTorch reads this once, at its first allocation: it must be in the environment at start-up
+    env["THP_MEM_ALLOC_ENABLE"] = "1" if huge_pages else "0"
     args = [f"--{k}={v}" for k, v in kwargs.items()]
     cmd = [sys.executable, __file__, f"measure_{kind}", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -277,7 +282,14 @@ def main(
     if "train" in chosen:
         lines += [f"Training step, 3 passes, batch {batch}, {size}x{size}, {classes} classes", "| network | seconds | peak RSS (GB) | time vs BasicUNet |", "|---|---|---|---|"]
         rows = {}
-        for name, kw in (("MGRAD-UNet", {}), ("MGRAD-UNet, checkpointing", {"checkpointing": True}), ("BasicUNet, 3 plain steps", {"net": "basicunet"})):
+        variants = (
+            ("MGRAD-UNet, no checkpointing", {"checkpointing": "none"}),
+            ("MGRAD-UNet, selective checkpointing (default)", {}),
+            ("MGRAD-UNet, full checkpointing", {"checkpointing": "full"}),
+            ("MGRAD-UNet, default, without huge pages", {"huge_pages": False}),
+            ("BasicUNet, 3 plain steps", {"net": "basicunet"}),
+        )
+        for name, kw in variants:
             r = _run("train", threads, **{"net": "mgrad", **kw}, batch=batch, size=size, classes=classes, **dev)
             results[f"train/{name}"] = rows[name] = r
             print(f"measured train {name}", file=sys.stderr, flush=True)

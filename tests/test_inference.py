@@ -69,11 +69,12 @@ def test_shared_upsampling_gives_what_each_decoder_computes_alone():
         assert len(upsample_levels(r, net.mode)) == 4
 
 
-def test_checkpointing_keeps_outputs_and_gradients():
+@pytest.mark.parametrize("mode", [True, "full", "selective"])  # "selective" is the default
+def test_checkpointing_keeps_outputs_and_gradients(mode):
     x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 1, 32, 32))
-    plain = tiny_net(out_channels=3).train()
+    plain = tiny_net(out_channels=3, checkpointing="none").train()
     recomputed = copy.deepcopy(plain)
-    recomputed.checkpointing = True
+    recomputed.checkpointing = mode
     outs = []
     for net in (plain, recomputed):
         out = net(x)
@@ -86,6 +87,11 @@ def test_checkpointing_keeps_outputs_and_gradients():
     # the recomputation must not update BatchNorm's running statistics a second time
     for a, b in zip(plain.buffers(), recomputed.buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_unknown_checkpointing_mode_is_rejected():
+    with pytest.raises(ValueError, match="checkpointing must be one of"):
+        tiny_net(checkpointing="sometimes")
 
 
 def test_cpu_micro_batches_keep_each_samples_output():
