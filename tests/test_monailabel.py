@@ -10,8 +10,9 @@ studies folder of two synthetic short-axis volumes whose affine is not RAS. The 
 ``POST /train/…``, and segments again with the weights that run wrote. The server's whole process
 group is stopped at the end, whatever happened.
 
-Opt-in (minutes, and a venv of several GB): ``python -m pytest -m monailabel tests/test_monailabel.py``
-or ``bash scripts/test_monailabel.sh``.
+Part of the default run: ``tests/conftest.py`` starts the venv build in the background as soon as the
+run includes this test, and puts this test last. Alone: ``bash scripts/test_monailabel.sh``; left out:
+``-m "not compile and not monailabel"``.
 """
 
 from __future__ import annotations
