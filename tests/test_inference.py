@@ -69,7 +69,7 @@ def test_shared_upsampling_gives_what_each_decoder_computes_alone():
         assert len(upsample_levels(r, net.mode)) == 4
 
 
-@pytest.mark.parametrize("mode", [True, "full", "selective"])  # "selective" is the default
+@pytest.mark.parametrize("mode", [True, "full", "selective"])
 def test_checkpointing_keeps_outputs_and_gradients(mode):
     x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 1, 32, 32))
     plain = tiny_net(out_channels=3, checkpointing="none").train()

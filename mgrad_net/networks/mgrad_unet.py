@@ -137,9 +137,11 @@ class MGRADUNet(nn.Module):
             only each block's inputs and recomputes everything, one more forward pass of time;
             ``"none"`` (or ``False``) keeps everything. Outputs, gradients and BatchNorm running
             statistics are the same in every mode (the recomputation does not update the
-            statistics again). ``"selective"``, the default, took 35 % less memory than ``"none"``
-            for the same time on our CPU (``scripts/benchmark.md``); under ``torch.compile`` no
-            mode applies, the compiler decides what to keep.
+            statistics again). At full size on our CPU ``"selective"`` took 35 % less memory than
+            ``"none"`` for the same time; at small widths its per-operation bookkeeping dominates
+            (the CPU preset trained ~20 % slower, test-sized networks 5×), so it is not the
+            default (``scripts/benchmark.md``). Under ``torch.compile`` no mode applies, the
+            compiler decides what to keep.
         cpu_micro_batch: in eval mode on a CPU, run a batch this many samples at a time (0: all at
             once). Each sample's output is the same either way; small chunks keep the full-resolution
             activations in cache, which on our 2-core CPU made batch 8 run 1.24 s/slice whole and
@@ -162,7 +164,7 @@ class MGRADUNet(nn.Module):
         norm: Union[tuple, str] = "batch",
         act: Union[tuple, str] = "relu",
         inference_passes: int = 1,
-        checkpointing: Union[bool, str] = "selective",
+        checkpointing: Union[bool, str] = False,
         cpu_micro_batch: int = 1,
     ) -> None:
         super().__init__()
