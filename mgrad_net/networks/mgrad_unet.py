@@ -41,25 +41,16 @@ class _FrozenNormStats:
 def _keep_conv_outputs(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
     """Selective policy: keep what the convolutions compute, recompute the rest (norms, activations,
     differences, interpolations), which costs memory traffic but few FLOPs."""
-    return CheckpointPolicy.MUST_SAVE if op in _CONV_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op is torch.ops.aten.convolution.default:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-_CONV_OPS = {torch.ops.aten.convolution.default}
-
-
-class _Contexts:
-    """Enters several context managers as one (``checkpoint``'s ``context_fn`` takes one per phase)."""
-
-    def __init__(self, *contexts: object) -> None:
-        self.stack = contextlib.ExitStack()
-        self.contexts = contexts
-
-    def __enter__(self) -> None:
-        for c in self.contexts:
-            self.stack.enter_context(c)
-
-    def __exit__(self, *exc: object) -> None:
-        self.stack.__exit__(*exc)
+@contextlib.contextmanager
+def _frozen_stats_then(module: nn.Module, recompute_ctx: contextlib.AbstractContextManager):
+    # the statistics' snapshot must be taken outside the selective recomputation's dispatch mode
+    with _FrozenNormStats(module), recompute_ctx:
+        yield
 
 
 def _checkpoint(module: nn.Module, selective: bool, *args: object):
@@ -67,7 +58,7 @@ def _checkpoint(module: nn.Module, selective: bool, *args: object):
         if not selective:
             return contextlib.nullcontext(), _FrozenNormStats(module)
         forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(_keep_conv_outputs)
-        return forward_ctx, _Contexts(_FrozenNormStats(module), recompute_ctx)
+        return forward_ctx, _frozen_stats_then(module, recompute_ctx)
 
     return checkpoint(module, *args, use_reentrant=False, context_fn=contexts)
 
