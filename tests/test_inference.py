@@ -9,7 +9,7 @@ import torch
 
 from mgrad_net.inference import fold_batch_norm, optimize_for_inference
 from mgrad_net.losses import MGRADLoss
-from mgrad_net.networks import MGRADOutput
+from mgrad_net.networks import MGRADOutput, MGRADUNet
 from mgrad_net.networks.decoders import upsample_levels
 from tests.conftest import tiny_net
 
@@ -87,6 +87,44 @@ def test_checkpointing_keeps_outputs_and_gradients(mode):
     # the recomputation must not update BatchNorm's running statistics a second time
     for a, b in zip(plain.buffers(), recomputed.buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _saved_bytes(net, x, y) -> int:
+    """Bytes autograd holds for backward after one training pass of ``net`` and its loss."""
+    held = {}
+
+    def pack(t):
+        held[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = MGRADLoss()(net(x), y)
+    loss.backward()
+    return sum(held.values())
+
+
+def test_auto_checkpointing_is_selective_for_large_activations_only():
+    x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 1, 32, 32))
+    first_stage = 2 * 4 * 32 * 32  # batch x features[0] x spatial
+    base = tiny_net(out_channels=3, features=(4, 8, 16, 32, 64)).train()
+    held = {}
+    for name, mode, threshold in [
+        ("none", "none", first_stage),
+        ("selective", "selective", first_stage),
+        ("auto, large", "auto", first_stage),
+        ("auto, small", "auto", first_stage + 1),
+    ]:
+        net = copy.deepcopy(base)
+        net.checkpointing = mode
+        net.auto_selective_elements = threshold
+        assert net.recompute_mode(x) == ("selective" if name == "auto, large" else mode.replace("auto", "none"))
+        held[name] = _saved_bytes(net, x, y)
+    assert held["selective"] < 0.8 * held["none"]
+    assert held["auto, large"] == held["selective"]
+    assert held["auto, small"] == held["none"]
+    assert MGRADUNet().checkpoint_mode == "auto"
+    with torch.no_grad():
+        assert base.recompute_mode(x) == "none"  # nothing to recompute without gradients
 
 
 def test_unknown_checkpointing_mode_is_rejected():

@@ -1,6 +1,7 @@
 """MGRAD-UNet: encoder, RFBs, the two differential decoders and the gate-control feedback (eq. 7)."""
 
 import contextlib
+import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -16,7 +17,9 @@ __all__ = ["MGRADOutput", "MGRADUNet"]
 
 # The decoders are written for five levels (x_1..x_5), as in the paper.
 LEVELS = 5
-_CHECKPOINT_MODES = {False: "none", "none": "none", True: "full", "full": "full", "selective": "selective"}
+_CHECKPOINT_MODES = {
+    False: "none", "none": "none", True: "full", "full": "full", "selective": "selective", "auto": "auto"
+}
 
 
 class _FrozenNormStats:
@@ -130,9 +133,11 @@ class MGRADUNet(nn.Module):
             statistics are the same in every mode (the recomputation does not update the
             statistics again). At full size on our CPU ``"selective"`` took 35 % less memory than
             ``"none"`` for the same time; at small widths its per-operation bookkeeping dominates
-            (the CPU preset trained ~20 % slower, test-sized networks 5×), so it is not the
-            default (``scripts/benchmark.md``). Under ``torch.compile`` no mode applies, the
-            compiler decides what to keep.
+            (the CPU preset trained ~20 % slower, test-sized networks 5×), so it pays only for
+            large activations (``scripts/benchmark.md``). ``"auto"``, the default, is
+            ``"selective"`` when one first-stage activation of the batch (batch × ``features[0]`` ×
+            spatial size) holds at least :attr:`auto_selective_elements` values and ``"none"``
+            otherwise. Under ``torch.compile`` no mode applies, the compiler decides what to keep.
         cpu_micro_batch: in eval mode on a CPU, run a batch this many samples at a time (0: all at
             once). Each sample's output is the same either way; small chunks keep the full-resolution
             activations in cache, which on our 2-core CPU made batch 8 run 1.24 s/slice whole and
@@ -141,6 +146,10 @@ class MGRADUNet(nn.Module):
 
     # read only in eager training; TorchScript need not compile it
     __jit_unused_properties__ = ["checkpoint_mode"]
+    # "auto" checkpointing turns selective from here: 2**24 fp32 values is a 64 MB tensor. The full
+    # network at batch 8, 224² (25.7 M) trained in the same time with 35 % less memory; the CPU
+    # preset (16 wide, 128², batch 12: 3.1 M) trained 20 % slower selectively.
+    auto_selective_elements: int = 2**24
 
     def __init__(
         self,
@@ -155,7 +164,7 @@ class MGRADUNet(nn.Module):
         norm: Union[tuple, str] = "batch",
         act: Union[tuple, str] = "relu",
         inference_passes: int = 1,
-        checkpointing: Union[bool, str] = False,
+        checkpointing: Union[bool, str] = "auto",
         cpu_micro_batch: int = 1,
     ) -> None:
         super().__init__()
@@ -174,6 +183,7 @@ class MGRADUNet(nn.Module):
         self.feedback_weight = float(feedback_weight)
         self.inference_passes = int(inference_passes)
         self.checkpointing = checkpointing
+        self.first_width = int(features[0])
         self.cpu_micro_batch = int(cpu_micro_batch)
         self.size_divisor = 2 ** (self.levels - 1)
         self.mode = _INTERP_MODES[spatial_dims]
@@ -229,19 +239,17 @@ class MGRADUNet(nn.Module):
         e = x
         r: List[torch.Tensor] = []
         recompute = False
+        selective = False
         if not torch.jit.is_scripting():
             # torch.compile plans its own recomputation; the checkpoint contexts would only break its graph
-            recompute = (
-                self.checkpoint_mode != "none"
-                and self.training
-                and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()
-            )
+            mode = self.recompute_mode(x)
+            recompute = mode != "none"
+            selective = mode == "selective"
         for i, (stage, rfb) in enumerate(zip(self.encoder, self.rfbs)):
             if i > 0:
                 e = self.pool(e)
             if recompute:
-                e, ri = self._recompute_level(i, e)
+                e, ri = self._recompute_level(i, e, selective)
                 r.append(ri)
             else:
                 e = stage(e)
@@ -252,7 +260,7 @@ class MGRADUNet(nn.Module):
             r = [r[i] + feedback[i] for i in range(self.levels)]
         up = upsample_levels(r, self.mode)
         if recompute:
-            p1, m, p2, g = self._recompute_decoders(r, up)
+            p1, m, p2, g = self._recompute_decoders(r, up, selective)
         else:
             p1, m = self.msd(r, up)
             p2, g = self.grad(r, m, up)
@@ -260,20 +268,33 @@ class MGRADUNet(nn.Module):
 
     @property
     def checkpoint_mode(self) -> str:
-        """``"none"``, ``"selective"`` or ``"full"``: what :attr:`checkpointing` asks for."""
+        """``"none"``, ``"selective"``, ``"full"`` or ``"auto"``: what :attr:`checkpointing` asks for."""
         return _CHECKPOINT_MODES[self.checkpointing]
 
     @torch.jit.unused
-    def _recompute_level(self, i: int, e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        selective = self.checkpoint_mode == "selective"
+    def recompute_mode(self, x: torch.Tensor) -> str:
+        """What a pass over ``x`` recomputes: ``"none"``, ``"selective"`` or ``"full"``.
+
+        ``"none"`` outside eager training with gradients, whatever :attr:`checkpointing` says;
+        ``"auto"`` resolves by the size of ``x``'s first-stage activation.
+        """
+        if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return "none"
+        mode = self.checkpoint_mode
+        if mode == "auto":
+            first_stage = x.shape[0] * self.first_width * math.prod(x.shape[2:])
+            mode = "selective" if first_stage >= self.auto_selective_elements else "none"
+        return mode
+
+    @torch.jit.unused
+    def _recompute_level(self, i: int, e: torch.Tensor, selective: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         e = _checkpoint(self.encoder[i], selective, e)
         return e, _checkpoint(self.rfbs[i], selective, e)
 
     @torch.jit.unused
     def _recompute_decoders(
-        self, r: List[torch.Tensor], up: List[torch.Tensor]
+        self, r: List[torch.Tensor], up: List[torch.Tensor], selective: bool
     ) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
-        selective = self.checkpoint_mode == "selective"
         p1, m = _checkpoint(self.msd, selective, r, up)
         p2, g = _checkpoint(self.grad, selective, r, m, up)
         return p1, m, p2, g
