@@ -143,10 +143,12 @@ def test_finetune_starts_from_the_weights_at_ckpt_path(tmp_path, synthetic_run):
 @pytest.mark.slow
 @pytest.mark.skipif(not ACDC.is_dir(), reason=f"shared ACDC data not found at {ACDC}")
 def test_training_on_real_acdc_rises_well_above_chance(tmp_path):
-    """One epoch of the quick variant on the 140 ACDC training volumes (about 5 minutes here; the
-    shipped weights' own evaluation is tests/test_shipped_weights.py)."""
+    """One epoch of the quick variant on the 140 ACDC training volumes, two slices from each
+    (about 3.5 minutes here, of which training 3; the shipped weights' own evaluation is
+    tests/test_shipped_weights.py)."""
     data = ["--dataset_dir", str(ACDC)]
-    proc = run_bundle("training", ["train", "quick"], tmp_path, *data, "--max_epochs", "1", tiny=False)
+    epoch = ["--max_epochs", "1", "--train#slices_per_volume", "2"]
+    proc = run_bundle("training", ["train", "quick"], tmp_path, *data, *epoch, tiny=False)
     log = proc.stdout + proc.stderr
     history = [float(line.rsplit("val_mean_dice: ", 1)[1].split()[0]) for line in log.splitlines()
                if "Metrics -- val_mean_dice:" in line]  # fmt: skip
@@ -154,7 +156,7 @@ def test_training_on_real_acdc_rises_well_above_chance(tmp_path):
     run_bundle("evaluating", ["train", "evaluate", "quick"], tmp_path, *data, tiny=False)
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["cases"] == 20
-    # chance for three small structures is near 0 (0.475 measured after this one epoch)
+    # chance for three small structures is near 0 (0.404 measured after this epoch; 0.475 with 4 slices)
     assert summary["mean"]["dice"] > 0.35
     assert abs(summary["mean"]["dice"] - max(history)) < 1e-3
 
