@@ -12,7 +12,7 @@ group is stopped at the end, whatever happened.
 
 Part of the default run: ``tests/conftest.py`` starts the venv build in the background as soon as the
 run includes this test, and puts this test last. Alone: ``bash scripts/test_monailabel.sh``; left out:
-``-m "not compile and not monailabel"``.
+``-m "not compile and not slow and not monailabel"``.
 """
 
 from __future__ import annotations

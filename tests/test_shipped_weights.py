@@ -33,7 +33,7 @@ def test_shipped_weights_load_on_a_cpu_into_the_default_network():
     net.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))  # strict: every key, every shape
 
 
-@pytest.mark.slow
+# not marked slow: 43 s, and the model card's numbers are what users read
 @pytest.mark.skipif(not (SHARED_DATA / "acdc" / "validation").is_dir(), reason="shared ACDC data not found")
 def test_evaluate_reproduces_the_model_card(tmp_path):
     proc = subprocess.run(
