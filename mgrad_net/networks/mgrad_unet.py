@@ -238,18 +238,15 @@ class MGRADUNet(nn.Module):
             self._check_input(x)
         e = x
         r: List[torch.Tensor] = []
-        recompute = False
-        selective = False
+        mode = "none"
         if not torch.jit.is_scripting():
             # torch.compile plans its own recomputation; the checkpoint contexts would only break its graph
             mode = self.recompute_mode(x)
-            recompute = mode != "none"
-            selective = mode == "selective"
         for i, (stage, rfb) in enumerate(zip(self.encoder, self.rfbs)):
             if i > 0:
                 e = self.pool(e)
-            if recompute:
-                e, ri = self._recompute_level(i, e, selective)
+            if mode != "none":
+                e, ri = self._recompute_level(i, e, mode == "selective")
                 r.append(ri)
             else:
                 e = stage(e)
@@ -259,8 +256,8 @@ class MGRADUNet(nn.Module):
                 raise ValueError("feedback must hold {} tensors, got {}.".format(self.levels, len(feedback)))
             r = [r[i] + feedback[i] for i in range(self.levels)]
         up = upsample_levels(r, self.mode)
-        if recompute:
-            p1, m, p2, g = self._recompute_decoders(r, up, selective)
+        if mode != "none":
+            p1, m, p2, g = self._recompute_decoders(r, up, mode == "selective")
         else:
             p1, m = self.msd(r, up)
             p2, g = self.grad(r, m, up)
