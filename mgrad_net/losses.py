@@ -108,30 +108,34 @@ class AggregatedLoss(nn.Module):
 
     The subset sums, their softmax and the matching one-hot targets are the largest tensors of a
     training step: 31 × B × K × spatial floats each, 0.45 GB at batch 8, 224², 9 classes. Scoring
-    a few subsets per call bounds what exists at once (8 per call: 1.7 GB less at the loss of a
-    batch-8 step); with ``recompute`` none of it is kept for the backward pass, each call's share
-    is formed again from the n side outputs (one more evaluation of this loss, a few percent of a
-    step). The default scores all subsets in one call: the chunked sum rounds differently (gradients
-    within ~1e-6 relative), enough that two DDP ranks no longer match one process at the
-    tolerance ``tests/test_distributed.py`` holds them to.
+    a few subsets per call bounds what exists at once; with ``recompute`` none of it is kept for
+    the backward pass, each call's share is formed again from the n side outputs (one more
+    evaluation of this loss, a few percent of a step). By default a call scores as many subsets as
+    hold :attr:`call_elements` values together: all 31 for small inputs (the chunked sum rounds
+    differently, gradients within ~1e-6 relative, which two DDP ranks compared with one process
+    in ``tests/test_distributed.py`` would notice), 4 at batch 8, 224², 9 classes, where 31 at
+    once raised a training step's peak memory from 6.4 GB to 8.3 GB (``scripts/benchmark.md``).
 
     Args:
         seg_loss: the loss applied to every subset sum; a :class:`SegmentationLoss` by default.
         recompute: recompute the subset sums during backward instead of keeping them.
-        subsets_per_call: subsets scored per call (default 31: all of the five side outputs' subsets at once).
+        subsets_per_call: subsets scored per call; ``None``: as many as fit in :attr:`call_elements`.
     """
 
+    # 2**24 fp32 values: 64 MB per tensor of a call's subsets
+    call_elements: int = 2**24
+
     def __init__(
-        self, seg_loss: SegmentationLoss | None = None, recompute: bool = True, subsets_per_call: int = 31
+        self, seg_loss: SegmentationLoss | None = None, recompute: bool = True, subsets_per_call: int | None = None
     ) -> None:
         super().__init__()
-        if subsets_per_call < 1:
+        if subsets_per_call is not None and subsets_per_call < 1:
             raise ValueError(f"subsets_per_call must be at least 1, got {subsets_per_call}.")
         self.seg_loss = seg_loss if seg_loss is not None else SegmentationLoss()
         # scores the folded subsets: one "sample" per subset (batch pooling, if any, is in the fold)
         self.per_subset = SegmentationLoss(batch=False, **self.seg_loss.config)
         self.recompute = recompute
-        self.subsets_per_call = int(subsets_per_call)
+        self.subsets_per_call = subsets_per_call
 
     def forward(self, side: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         if len(side) == 0:
@@ -141,7 +145,8 @@ class AggregatedLoss(nn.Module):
         subsets = subset_matrix(len(side), stacked.device, stacked.dtype)
         recompute = self.recompute and torch.is_grad_enabled() and stacked.requires_grad
         total = stacked.new_zeros(())
-        for rows in subsets.split(self.subsets_per_call):
+        per_call = self.subsets_per_call or max(1, self.call_elements // side[0].numel())
+        for rows in subsets.split(per_call):
             if recompute:
                 total = total + checkpoint(self._score, rows, stacked, onehot, use_reentrant=False)
             else:

@@ -289,6 +289,7 @@ def main(
         variants = (
             ("MGRAD-UNet (default: auto)", {}),
             ("MGRAD-UNet, no checkpointing", {"checkpointing": "none"}),
+            ("MGRAD-UNet, selective checkpointing", {"checkpointing": "selective"}),
             ("MGRAD-UNet, full checkpointing", {"checkpointing": "full"}),
             ("MGRAD-UNet, default, without huge pages", {"huge_pages": False}),
             ("BasicUNet, 3 plain steps", {"net": "basicunet"}),

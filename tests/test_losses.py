@@ -51,13 +51,17 @@ def test_target_with_wrong_channel_count_is_rejected():
 
 
 @pytest.mark.parametrize(
-    "batch,recompute,per_call", [(True, True, 8), (False, True, 8), (True, False, 31), (False, False, 1), (True, True, 5)]
+    "batch,recompute,per_call",
+    [(True, True, 8), (False, True, 8), (True, False, 31), (False, False, 1), (True, True, 5), (True, True, None)],
 )
 def test_aggregated_loss_equals_brute_force_over_31_subsets(batch, recompute, per_call):
     side = [torch.randn(2, 4, 16, 16, requires_grad=True) for _ in range(5)]
     target = torch.randint(0, 4, (2, 1, 16, 16))
     seg = SegmentationLoss(batch=batch)
-    batched = AggregatedLoss(seg, recompute=recompute, subsets_per_call=per_call)(side, target)
+    aggregated = AggregatedLoss(seg, recompute=recompute, subsets_per_call=per_call)
+    if per_call is None:
+        aggregated.call_elements = 3 * side[0].numel()  # sized for three subsets per call
+    batched = aggregated(side, target)
     brute = sum(
         seg(sum(side[i] for i in subset), target)
         for k in range(1, 6)

@@ -6,6 +6,7 @@ field block (RFB, Fig. 8, eq. 8) and the differential process (DP, eq. 1).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -14,7 +15,9 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.utils import get_act_layer
 
-__all__ = ["conv_norm_act", "upsample2", "inplace_act", "ResidualStage", "RFB", "DifferentialProcess"]
+from mgrad_net.networks.lazy import lazy_act_of_sum, lazy_active, lazy_cat, lazy_conv, lazy_norm_act, lazy_op
+
+__all__ = ["ConvNormAct", "conv_norm_act", "upsample2", "inplace_act", "ResidualStage", "RFB", "DifferentialProcess"]
 
 _INTERP_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 # activations whose torch modules take ``inplace``
@@ -36,6 +39,18 @@ def inplace_act(act: tuple | str | None) -> tuple | str | None:
     return (name, {"inplace": True, **args})
 
 
+class ConvNormAct(Convolution):
+    """MONAI's :class:`~monai.networks.blocks.Convolution` with a norm (same modules, same
+    state-dict keys) whose norm → activation saves only the convolution's output under
+    :func:`~mgrad_net.networks.lazy.lazy_recompute`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if lazy_active():
+                return lazy_norm_act(self.adn, self.conv(x))
+        return self.adn(self.conv(x))
+
+
 def conv_norm_act(
     spatial_dims: int,
     in_channels: int,
@@ -45,9 +60,9 @@ def conv_norm_act(
     act: tuple | str | None = "relu",
     dilation: int = 1,
     bias: bool = False,
-) -> Convolution:
+) -> ConvNormAct:
     """conv → norm → act, the unit every block of the paper is made of (bias-free: a norm follows)."""
-    return Convolution(
+    return ConvNormAct(
         spatial_dims,
         in_channels,
         out_channels,
@@ -61,7 +76,18 @@ def conv_norm_act(
 
 def upsample2(x: torch.Tensor, mode: str) -> torch.Tensor:
     """Up2 of eq. 1: linear interpolation by 2 with ``align_corners=False``, as the published decoders do."""
+    if not torch.jit.is_scripting():
+        if lazy_active():
+            return lazy_op(functools.partial(_interpolate2, mode=mode), x, linear=True)
+    return _interpolate2(x, mode)
+
+
+def _interpolate2(x: torch.Tensor, mode: str) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2.0, mode=mode, align_corners=False)
+
+
+def _abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.abs(a - b)
 
 
 class ResidualStage(nn.Module):
@@ -89,6 +115,9 @@ class ResidualStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv2(self.conv1(x))
+        if not torch.jit.is_scripting():
+            if lazy_active():
+                return lazy_act_of_sum(self.act, h, self.residual(h))
         return self.act(h + self.residual(h))
 
 
@@ -140,8 +169,21 @@ class RFB(nn.Module):
         self.act = get_act_layer(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cat = torch.cat([branch(x) for branch in self.branches], dim=1)
-        return self.act(self.fuse(cat) + self.shortcut(x))
+        if not torch.jit.is_scripting():
+            if lazy_active():
+                branches = [self._lazy_branch(branch, x) for branch in self.branches]
+                return lazy_act_of_sum(self.act, self.fuse(lazy_cat(*branches)), self.shortcut(x))
+        branches = [branch(x) for branch in self.branches]
+        return self.act(self.fuse(torch.cat(branches, dim=1)) + self.shortcut(x))
+
+    @torch.jit.unused
+    def _lazy_branch(self, branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        # Inside a branch only the last, dilated convolution's output is kept: the 1×1 and 1×k
+        # convolutions before it are recomputed in backward (about 10 % of the network's
+        # convolution FLOPs at full resolution) instead of holding nine full-resolution tensors.
+        for unit in branch[:-1]:
+            x = lazy_norm_act(unit.adn, lazy_conv(unit.conv, x))
+        return branch[-1](x)
 
 
 class DifferentialProcess(nn.Module):
@@ -166,4 +208,7 @@ class DifferentialProcess(nn.Module):
         """``a_up``, if given, is ``Up2(a)`` already computed elsewhere (the decoders share them)."""
         if a_up is None:
             a_up = upsample2(a, self.mode)
-        return self.conv(torch.abs(a_up - b))
+        if not torch.jit.is_scripting():
+            if lazy_active():
+                return self.conv(lazy_op(_abs_diff, a_up, b))
+        return self.conv(_abs_diff(a_up, b))

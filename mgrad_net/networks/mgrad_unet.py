@@ -12,33 +12,16 @@ from monai.networks.layers.factories import Pool
 
 from mgrad_net.networks.blocks import _INTERP_MODES, RFB, ResidualStage, conv_norm_act, inplace_act
 from mgrad_net.networks.decoders import GRADDecoder, MSDDecoder, SideOutputs, upsample_levels
+from mgrad_net.networks.lazy import frozen_norm_stats, lazy_op, lazy_recompute, lazy_sum, strip_recipes
 
 __all__ = ["MGRADOutput", "MGRADUNet"]
 
 # The decoders are written for five levels (x_1..x_5), as in the paper.
 LEVELS = 5
 _CHECKPOINT_MODES = {
-    False: "none", "none": "none", True: "full", "full": "full", "selective": "selective", "auto": "auto"
+    False: "none", "none": "none", True: "full", "full": "full", "selective": "selective", "lazy": "lazy",
+    "auto": "auto"
 }
-
-
-class _FrozenNormStats:
-    """Context in which BatchNorm layers of ``module`` normalise with batch statistics but do not
-    update their running statistics: a checkpointed block's recomputation must not count twice."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-        self.saved: list = []
-
-    def __enter__(self) -> None:
-        self.saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.norms]
-        for m in self.norms:
-            m.momentum = 0.0  # running = (1 - 0)·running + 0·batch
-
-    def __exit__(self, *exc: object) -> None:
-        for m, (momentum, tracked) in zip(self.norms, self.saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
 
 
 def _keep_conv_outputs(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
@@ -52,14 +35,14 @@ def _keep_conv_outputs(ctx: object, op: object, *args: object, **kwargs: object)
 @contextlib.contextmanager
 def _frozen_stats_then(module: nn.Module, recompute_ctx: contextlib.AbstractContextManager):
     # the statistics' snapshot must be taken outside the selective recomputation's dispatch mode
-    with _FrozenNormStats(module), recompute_ctx:
+    with frozen_norm_stats(module), recompute_ctx:
         yield
 
 
 def _checkpoint(module: nn.Module, selective: bool, *args: object):
     def contexts():
         if not selective:
-            return contextlib.nullcontext(), _FrozenNormStats(module)
+            return contextlib.nullcontext(), frozen_norm_stats(module)
         forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(_keep_conv_outputs)
         return forward_ctx, _frozen_stats_then(module, recompute_ctx)
 
@@ -124,20 +107,23 @@ class MGRADUNet(nn.Module):
         act: activation type and arguments; run in place where the activation allows it.
         inference_passes: passes run in eval mode, each after the first fed with the previous
             pass's feedback; 1 is the published behaviour.
-        checkpointing: in training, recompute parts of each encoder level (stage + RFB) and of each
-            decoder during the backward pass instead of keeping their activations. ``"selective"``
-            keeps the convolutions' outputs and recomputes only the cheap operations between them
-            (normalisation, activation, differences, interpolation); ``"full"`` (or ``True``) keeps
-            only each block's inputs and recomputes everything, one more forward pass of time;
-            ``"none"`` (or ``False``) keeps everything. Outputs, gradients and BatchNorm running
-            statistics are the same in every mode (the recomputation does not update the
-            statistics again). At full size on our CPU ``"selective"`` took 35 % less memory than
-            ``"none"`` for the same time; at small widths its per-operation bookkeeping dominates
-            (the CPU preset trained ~20 % slower, test-sized networks 5×), so it pays only for
-            large activations (``scripts/benchmark.md``). ``"auto"``, the default, is
-            ``"selective"`` when one first-stage activation of the batch (batch × ``features[0]`` ×
-            spatial size) holds at least :attr:`auto_selective_elements` values and ``"none"``
-            otherwise. Under ``torch.compile`` no mode applies, the compiler decides what to keep.
+        checkpointing: in training, recompute during the backward pass what the forward pass
+            computed, instead of keeping it. ``"lazy"`` keeps each convolution's output (but those
+            inside the RFB branches) and rebuilds everything between convolutions (normalisation,
+            activation, differences, sums, gates, interpolation) one tensor at a time, when backward
+            needs it (:mod:`mgrad_net.networks.lazy`); gradients equal ``"none"``'s within float
+            rounding (autograd sums some of them in another order). ``"selective"`` keeps the same
+            convolution outputs through PyTorch's selective checkpointing, per encoder level and
+            decoder, bit-identical to ``"none"`` but rebuilding a whole block at once in backward.
+            ``"full"`` (or ``True``) keeps only each block's inputs and recomputes everything, one
+            more forward pass of time; ``"none"`` (or ``False``) keeps everything. BatchNorm's
+            running statistics are updated once in every mode. At full size on our CPU (batch 8,
+            224²) a 3-pass training step peaked at 13.5 GB without recomputation, 8.7 GB selective,
+            6.9 GB full and 5.8 GB lazy (``scripts/benchmark.md``); at small widths the per-operation
+            overhead dominates, so ``"auto"``, the default, is ``"lazy"`` when one first-stage
+            activation of the batch (batch × ``features[0]`` × spatial size) holds at least
+            :attr:`auto_selective_elements` values and ``"none"`` otherwise. Under
+            ``torch.compile`` no mode applies, the compiler decides what to keep.
         cpu_micro_batch: in eval mode on a CPU, run a batch this many samples at a time (0: all at
             once). Each sample's output is the same either way; small chunks keep the full-resolution
             activations in cache, which on our 2-core CPU made batch 8 run 1.24 s/slice whole and
@@ -146,9 +132,9 @@ class MGRADUNet(nn.Module):
 
     # read only in eager training; TorchScript need not compile it
     __jit_unused_properties__ = ["checkpoint_mode"]
-    # "auto" checkpointing turns selective from here: 2**24 fp32 values is a 64 MB tensor. The full
-    # network at batch 8, 224² (25.7 M) trained in the same time with 35 % less memory; the CPU
-    # preset (16 wide, 128², batch 12: 3.1 M) trained 20 % slower selectively.
+    # "auto" recomputes (lazily) from here: 2**24 fp32 values is a 64 MB tensor. The full network
+    # at batch 8, 224², holds 25.7 M; the CPU preset (16 wide, 128², batch 12: 3.1 M) trained 20 %
+    # slower with selective checkpointing, whose per-operation overhead dominates at small widths.
     auto_selective_elements: int = 2**24
 
     def __init__(
@@ -236,6 +222,9 @@ class MGRADUNet(nn.Module):
         if not torch.jit.is_tracing():
             # a traced graph keeps no Python branches; the shape checks would only warn there
             self._check_input(x)
+        if not torch.jit.is_scripting():
+            if self.recompute_mode(x) == "lazy":
+                return self._forward_lazy(x, feedback)
         e = x
         r: List[torch.Tensor] = []
         mode = "none"
@@ -265,12 +254,12 @@ class MGRADUNet(nn.Module):
 
     @property
     def checkpoint_mode(self) -> str:
-        """``"none"``, ``"selective"``, ``"full"`` or ``"auto"``: what :attr:`checkpointing` asks for."""
+        """``"none"``, ``"lazy"``, ``"selective"``, ``"full"`` or ``"auto"``: what :attr:`checkpointing` asks for."""
         return _CHECKPOINT_MODES[self.checkpointing]
 
     @torch.jit.unused
     def recompute_mode(self, x: torch.Tensor) -> str:
-        """What a pass over ``x`` recomputes: ``"none"``, ``"selective"`` or ``"full"``.
+        """What a pass over ``x`` recomputes: ``"none"``, ``"lazy"``, ``"selective"`` or ``"full"``.
 
         ``"none"`` outside eager training with gradients, whatever :attr:`checkpointing` says;
         ``"auto"`` resolves by the size of ``x``'s first-stage activation.
@@ -280,8 +269,28 @@ class MGRADUNet(nn.Module):
         mode = self.checkpoint_mode
         if mode == "auto":
             first_stage = x.shape[0] * self.first_width * math.prod(x.shape[2:])
-            mode = "selective" if first_stage >= self.auto_selective_elements else "none"
+            mode = "lazy" if first_stage >= self.auto_selective_elements else "none"
         return mode
+
+    @torch.jit.unused
+    def _forward_lazy(self, x: torch.Tensor, feedback: Optional[List[torch.Tensor]]) -> MGRADOutput:
+        # R_i, M_i and G_i stay alive in the output until after backward anyway: they lose their
+        # recipes at once, so that what saves them keeps them instead of rebuilding them
+        with lazy_recompute():
+            e = x
+            r: List[torch.Tensor] = []
+            for i, (stage, rfb) in enumerate(zip(self.encoder, self.rfbs)):
+                e = stage(lazy_op(self.pool, e) if i > 0 else e)
+                r.append(strip_recipes(rfb(e)))
+            if feedback is not None:
+                if len(feedback) != self.levels:
+                    raise ValueError("feedback must hold {} tensors, got {}.".format(self.levels, len(feedback)))
+                r = [strip_recipes(lazy_sum(r[i], feedback[i])) for i in range(self.levels)]
+            up = upsample_levels(r, self.mode)
+            p1, m = self.msd(r, up)
+            m = [strip_recipes(t) for t in m]
+            p2, g = self.grad(r, m, up)
+            return MGRADOutput(p1, p2, self.side(m), m, [strip_recipes(t) for t in g], r)
 
     @torch.jit.unused
     def _recompute_level(self, i: int, e: torch.Tensor, selective: bool) -> Tuple[torch.Tensor, torch.Tensor]:
