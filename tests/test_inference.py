@@ -90,12 +90,16 @@ def test_checkpointing_keeps_outputs_and_gradients(mode):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def _lazy_and_plain_step(net_kwargs: dict, autocast: bool = False):
+def _lazy_and_plain_step(net_kwargs: dict, autocast: bool = False, frozen_norms: bool = False):
     """Two feedback passes, each with its backward, of the same network without recomputation and
     with ``checkpointing="lazy"``: their (p1 + p2, losses, gradients, buffers) in that order."""
     torch.manual_seed(0)
     x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 1, 32, 32))
     plain = tiny_net(out_channels=3, checkpointing="none", **net_kwargs).train()
+    if frozen_norms:  # fine-tuning with BatchNorm in eval mode: running statistics, none updated
+        for m in plain.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
     lazy = copy.deepcopy(plain)
     lazy.checkpointing = "lazy"
     results = []
@@ -113,10 +117,18 @@ def _lazy_and_plain_step(net_kwargs: dict, autocast: bool = False):
     return results
 
 
-@pytest.mark.parametrize("norm, act", [("batch", "relu"), ("instance", "leakyrelu"), (("group", {"num_groups": 2}), "prelu")])
-def test_lazy_recomputation_keeps_outputs_and_gradients(norm, act):
+@pytest.mark.parametrize(
+    "norm, act, frozen",
+    [
+        ("batch", "relu", False),
+        ("batch", "relu", True),
+        ("instance", "leakyrelu", False),
+        (("group", {"num_groups": 2}), "prelu", False),
+    ],
+)
+def test_lazy_recomputation_keeps_outputs_and_gradients(norm, act, frozen):
     (logits, losses, grads, buffers), (l_logits, l_losses, l_grads, l_buffers) = _lazy_and_plain_step(
-        {"norm": norm, "act": act}
+        {"norm": norm, "act": act}, frozen_norms=frozen
     )
     for a, b in zip(logits + losses, l_logits + l_losses):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -163,8 +163,8 @@ def lazy_recompute() -> Iterator[None]:
 
 
 def strip_recipes(t: torch.Tensor) -> torch.Tensor:
-    """``t`` without its recipe: what saves it from now on keeps it. For tensors that are kept
-    alive anyway (outputs), and for those rebuilt so often that keeping them is cheaper."""
+    """``t`` without its recipe: what saves it from now on keeps it. For tensors that stay alive
+    anyway (a network's outputs), which rebuilding would only duplicate."""
     if hasattr(t, _ATTR):
         delattr(t, _ATTR)
     return t
@@ -345,10 +345,11 @@ def _normalize(c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def _fast_path(adn: nn.Module) -> Optional[Tuple[_BatchNorm, bool]]:
-    """(BatchNorm, ReLU or not) when ``adn`` is MONAI's ADN holding just those, else ``None``."""
+    """(BatchNorm, ReLU or not) when ``adn`` is MONAI's ADN holding just those, the BatchNorm
+    normalising with batch statistics (not frozen in eval mode), else ``None``."""
     children = dict(adn.named_children())
     bn, act = children.pop("N", None), children.pop("A", None)
-    if children or not isinstance(bn, _BatchNorm) or bn.weight is None:
+    if children or not isinstance(bn, _BatchNorm) or bn.weight is None or not bn.training:
         return None
     if act is not None and type(act) is not nn.ReLU:
         return None
