@@ -10,13 +10,13 @@ shared between them); the parent prints one table with ratios:
    BasicUNet(features=(56, 112, 224, 448, 896, 56)), the yardstick matched in parameters;
 3. one feedback training step (3 passes, batch 8, 9 classes, full width, MGRAD loss with the
    aggregated side loss): seconds and peak resident memory, at the default (``"auto"``, the mode it
-   ran named), without checkpointing, with full checkpointing and
+   ran named), without recomputation, with selective and with full checkpointing and
    without transparent huge pages, beside BasicUNet's 3 plain steps with DiceCE;
 4. end-to-end 3D inference through the bundle's inference config (transforms, SliceInferer,
    inversion, NIfTI writing) on a 512×512×100 CT-like volume and on an ACDC volume: slices/s,
    share of time outside the network forward, peak memory.
 
-    python scripts/benchmark.py                       # everything, about 15 minutes on 2 cores
+    python scripts/benchmark.py                       # everything, about 30 minutes on 2 cores
     python scripts/benchmark.py --parts="eval,train"  # a subset
     python scripts/benchmark.py --size=96 --batch=4   # a quick look
 
