@@ -6,7 +6,6 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from monai.networks.layers.factories import Pool
 
@@ -108,8 +107,8 @@ class MGRADUNet(nn.Module):
         inference_passes: passes run in eval mode, each after the first fed with the previous
             pass's feedback; 1 is the published behaviour.
         checkpointing: in training, recompute during the backward pass what the forward pass
-            computed, instead of keeping it. ``"lazy"`` keeps each convolution's output (but those
-            inside the RFB branches) and rebuilds everything between convolutions (normalisation,
+            computed, instead of keeping it. ``"lazy"`` keeps each convolution's output (but for the
+            RFB branches' 1×1 and 1×k ones, run again) and rebuilds everything between them (normalisation,
             activation, differences, sums, gates, interpolation) one tensor at a time, when backward
             needs it (:mod:`mgrad_net.networks.lazy`); gradients equal ``"none"``'s within float
             rounding (autograd sums some of them in another order). ``"selective"`` keeps the same
