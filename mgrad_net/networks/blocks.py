@@ -7,7 +7,7 @@ field block (RFB, Fig. 8, eq. 8) and the differential process (DP, eq. 1).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.utils import get_act_layer
 
-from mgrad_net.networks.lazy import lazy_act_of_sum, lazy_active, lazy_cat, lazy_conv, lazy_norm_act, lazy_op
+from mgrad_net.networks.lazy import lazy_act_of_sum, lazy_active, lazy_cat, lazy_conv, lazy_norm_act, lazy_op, lazy_sum
 
-__all__ = ["ConvNormAct", "conv_norm_act", "upsample2", "inplace_act", "ResidualStage", "RFB", "DifferentialProcess"]
+__all__ = ["ConvNormAct", "conv_norm_act", "upsample2", "add", "abs_diff", "inplace_act", "ResidualStage", "RFB", "DifferentialProcess"]
 
 _INTERP_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 # activations whose torch modules take ``inplace``
@@ -74,19 +74,34 @@ def conv_norm_act(
     )
 
 
+# The element-wise functions between convolutions hand themselves to lazy_op under
+# lazy_recompute (which evaluates them with the switch off), so each block has one code path.
+
+
 def upsample2(x: torch.Tensor, mode: str) -> torch.Tensor:
     """Up2 of eq. 1: linear interpolation by 2 with ``align_corners=False``, as the published decoders do."""
     if not torch.jit.is_scripting():
         if lazy_active():
-            return lazy_op(functools.partial(_interpolate2, mode=mode), x, linear=True)
-    return _interpolate2(x, mode)
-
-
-def _interpolate2(x: torch.Tensor, mode: str) -> torch.Tensor:
+            return lazy_op(functools.partial(upsample2, mode=mode), x, linear=True)
     return F.interpolate(x, scale_factor=2.0, mode=mode, align_corners=False)
 
 
-def _abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def add(terms: List[torch.Tensor]) -> torch.Tensor:
+    """``terms[0] + terms[1] + …``, summed left to right."""
+    if not torch.jit.is_scripting():
+        if lazy_active():
+            return lazy_sum(*terms)
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+def abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``|a − b|``, the differential process's difference."""
+    if not torch.jit.is_scripting():
+        if lazy_active():
+            return lazy_op(abs_diff, a, b)
     return torch.abs(a - b)
 
 
@@ -208,7 +223,4 @@ class DifferentialProcess(nn.Module):
         """``a_up``, if given, is ``Up2(a)`` already computed elsewhere (the decoders share them)."""
         if a_up is None:
             a_up = upsample2(a, self.mode)
-        if not torch.jit.is_scripting():
-            if lazy_active():
-                return self.conv(lazy_op(_abs_diff, a_up, b))
-        return self.conv(_abs_diff(a_up, b))
+        return self.conv(abs_diff(a_up, b))

@@ -11,6 +11,7 @@ decoders need them, so the network computes them once (a decoder called alone co
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional
 
 import torch
@@ -18,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 
-from mgrad_net.networks.blocks import _INTERP_MODES, DifferentialProcess, conv_norm_act, upsample2
-from mgrad_net.networks.lazy import lazy_active, lazy_op, lazy_sum
+from mgrad_net.networks.blocks import _INTERP_MODES, DifferentialProcess, add, conv_norm_act, upsample2
+from mgrad_net.networks.lazy import lazy_active, lazy_op
 
 __all__ = ["upsample_levels", "DifferentialPyramid", "MSDDecoder", "GRADDecoder", "SideOutputs"]
 
@@ -29,14 +30,28 @@ def upsample_levels(x: List[torch.Tensor], mode: str) -> List[torch.Tensor]:
     return [upsample2(x[i], mode) for i in range(1, len(x))]
 
 
-def _positive_attention(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def positive_attention(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """x + x·σ(m): decoder 2's deepest level, gated by decoder 1."""
+    if not torch.jit.is_scripting():
+        if lazy_active():
+            return lazy_op(positive_attention, x, m)
     return x + x * torch.sigmoid(m)
 
 
-def _reverse_attention(up: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def reverse_attention(up: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """|Up2(deeper) + RA| with RA = (1 − σ(m))·x (eq. 4; a sum, as the published model has it)."""
+    if not torch.jit.is_scripting():
+        if lazy_active():
+            return lazy_op(reverse_attention, up, x, m)
     return torch.abs(up + x * (1 - torch.sigmoid(m)))
+
+
+def up_add(deeper: torch.Tensor, level: torch.Tensor, mode: str) -> torch.Tensor:
+    """Up2(deeper) + level, a decoder's top-down step."""
+    if not torch.jit.is_scripting():
+        if lazy_active():
+            return lazy_op(functools.partial(up_add, mode=mode), deeper, level, linear=True)
+    return F.interpolate(deeper, scale_factor=2.0, mode=mode, align_corners=False) + level
 
 
 class DifferentialPyramid(nn.Module):
@@ -88,30 +103,17 @@ class DifferentialPyramid(nn.Module):
         d5432, d4321 = self.dp5432(d543, d432), self.dp4321(d432, d321)
         d54321 = self.dp54321(d5432, d4321)
 
+        l3 = self.level3(add([d43, d543]))
+        l2 = self.level2(add([d32, d432, d5432]))
+        l1 = self.level1(add([d21, d321, d4321, d54321]))
+
         if top_up is None:
             top_up = upsample2(top, self.mode)
-        if not torch.jit.is_scripting():
-            if lazy_active():
-                l3 = self.level3(lazy_sum(d43, d543))
-                l2 = self.level2(lazy_sum(d32, d432, d5432))
-                l1 = self.level1(lazy_sum(d21, d321, d4321, d54321))
-                o4 = self.up4(lazy_sum(top_up, d54))
-                o3 = self.up3(lazy_op(self._up_add, o4, l3, linear=True))
-                o2 = self.up2(lazy_op(self._up_add, o3, l2, linear=True))
-                o1 = self.up1(lazy_op(self._up_add, o2, l1, linear=True))
-                return self.head(o1), [o1, o2, o3, o4, top]
-        l4 = d54
-        l3 = self.level3(d43 + d543)
-        l2 = self.level2(d32 + d432 + d5432)
-        l1 = self.level1(d21 + d321 + d4321 + d54321)
-        o4 = self.up4(top_up + l4)
-        o3 = self.up3(self._up_add(o4, l3))
-        o2 = self.up2(self._up_add(o3, l2))
-        o1 = self.up1(self._up_add(o2, l1))
+        o4 = self.up4(add([top_up, d54]))
+        o3 = self.up3(up_add(o4, l3, self.mode))
+        o2 = self.up2(up_add(o3, l2, self.mode))
+        o1 = self.up1(up_add(o2, l1, self.mode))
         return self.head(o1), [o1, o2, o3, o4, top]
-
-    def _up_add(self, deeper: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(deeper, scale_factor=2.0, mode=self.mode, align_corners=False) + level
 
 
 class MSDDecoder(nn.Module):
@@ -191,21 +193,12 @@ class GRADDecoder(nn.Module):
         if up is None:
             up = upsample_levels(x, self.mode)
         x1, x2, x3, x4, x5 = x[0], x[1], x[2], x[3], x[4]
-        if not torch.jit.is_scripting():
-            if lazy_active():
-                x5s = self.attend5(lazy_op(_positive_attention, x5, m[4]))
-                x5s_up = upsample2(x5s, self.mode)
-                g54 = self.ra54(lazy_op(_reverse_attention, x5s_up, x4, m[3]))
-                g43 = self.ra43(lazy_op(_reverse_attention, up[2], x3, m[2]))
-                g32 = self.ra32(lazy_op(_reverse_attention, up[1], x2, m[1]))
-                g21 = self.ra21(lazy_op(_reverse_attention, up[0], x1, m[0]))
-                return self.pyramid(g54, g43, g32, g21, x5s, x5s_up)
-        x5s = self.attend5(_positive_attention(x5, m[4]))
+        x5s = self.attend5(positive_attention(x5, m[4]))
         x5s_up = upsample2(x5s, self.mode)
-        g54 = self.ra54(_reverse_attention(x5s_up, x4, m[3]))
-        g43 = self.ra43(_reverse_attention(up[2], x3, m[2]))
-        g32 = self.ra32(_reverse_attention(up[1], x2, m[1]))
-        g21 = self.ra21(_reverse_attention(up[0], x1, m[0]))
+        g54 = self.ra54(reverse_attention(x5s_up, x4, m[3]))
+        g43 = self.ra43(reverse_attention(up[2], x3, m[2]))
+        g32 = self.ra32(reverse_attention(up[1], x2, m[1]))
+        g21 = self.ra21(reverse_attention(up[0], x1, m[0]))
         return self.pyramid(g54, g43, g32, g21, x5s, x5s_up)
 
 

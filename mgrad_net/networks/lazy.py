@@ -64,6 +64,16 @@ def lazy_active() -> bool:
     return _State.active
 
 
+@contextlib.contextmanager
+def _plain() -> Iterator[None]:
+    # what a lazy function evaluates is computed plainly, even when it would itself be lazy-aware
+    previous, _State.active = _State.active, False
+    try:
+        yield
+    finally:
+        _State.active = previous
+
+
 def _release_recent() -> None:
     _RECENT.clear()
     _State.release_queued = False
@@ -179,7 +189,7 @@ class _Recomputed(torch.autograd.Function):
         ctx.recompute = recompute
         ctx.autocast = _autocast_of(inputs[0])
         ctx.save_for_backward(*inputs)
-        with torch.no_grad():
+        with torch.no_grad(), _plain():
             return fn(*inputs)
 
     @staticmethod
@@ -201,7 +211,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, fn: Callable[..., torch.Tensor], vjp: Callable[..., Sequence[torch.Tensor]], *inputs: torch.Tensor):
         ctx.vjp = vjp
         ctx.shapes = [t.shape for t in inputs]
-        with torch.no_grad():
+        with torch.no_grad(), _plain():
             return fn(*inputs)
 
     @staticmethod
@@ -288,17 +298,13 @@ class _Conv(torch.autograd.Function):
         )
 
 
-def _convolve(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return conv._conv_forward(x, weight, bias)
-
-
 def lazy_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` (a zero-padded ``nn.ConvNd``) whose output is rebuilt in backward, not kept:
     for convolutions cheap enough that one more forward costs less than their memory."""
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"lazy_conv needs numeric zero padding, got {conv.padding!r} ({conv.padding_mode}).")
     out = _Conv.apply(conv, x, conv.weight, conv.bias)
-    setattr(out, _ATTR, Recipe(lambda x: _convolve(conv, x, conv.weight, conv.bias), [_as_input(x)], _autocast_of(x)))
+    setattr(out, _ATTR, Recipe(lambda x: conv._conv_forward(x, conv.weight, conv.bias), [_as_input(x)], _autocast_of(x)))
     return out
 
 
@@ -356,9 +362,9 @@ def _fast_path(adn: nn.Module) -> Optional[Tuple[_BatchNorm, bool]]:
     return bn, act is not None
 
 
-def lazy_module(module: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``run(x)``, which applies ``module``, saving only ``x`` and ``module``'s parameters; running
-    statistics are updated here, once. In backward ``module`` runs again through its ``forward``."""
+def lazy_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` saving only ``x`` and ``module``'s parameters; running statistics are updated
+    here, once. In backward ``module`` runs again, with its parameters as arguments."""
     names = [name for name, _ in module.named_parameters()]
     params: List[torch.Tensor] = [p for _, p in module.named_parameters()]
 
@@ -367,7 +373,7 @@ def lazy_module(module: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor]
         with frozen_norm_stats(module):
             return torch.func.functional_call(module, dict(zip(names, weights)), (x,))
 
-    out = _Recomputed.apply(lambda x, *_: run(x), recompute, x, *params)
+    out = _Recomputed.apply(lambda x, *_: module(x), recompute, x, *params)
     setattr(out, _ATTR, Recipe(recompute, [_as_input(x), *params], _autocast_of(x)))
     return out
 
@@ -376,7 +382,7 @@ def lazy_act_of_sum(act: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.T
     """``act(a + b)``, rebuilt in backward instead of saved; ``act`` may have parameters (PReLU)."""
     if next(act.parameters(), None) is None:
         return lazy_op(lambda a, b: act(a + b), a, b)
-    return lazy_module(act, lazy_sum(a, b), act)
+    return lazy_module(act, lazy_sum(a, b))
 
 
 def lazy_norm_act(adn: nn.Module, c: torch.Tensor) -> torch.Tensor:
@@ -384,7 +390,7 @@ def lazy_norm_act(adn: nn.Module, c: torch.Tensor) -> torch.Tensor:
     BatchNorm → ReLU, the batch statistics)."""
     fast = _fast_path(adn)
     if fast is None:
-        return lazy_module(adn, c, adn)
+        return lazy_module(adn, c)
     bn, relu = fast
     out = _BatchNormReLU.apply(bn, relu, c, bn.weight, bn.bias)
     rebuild = functools.partial(_normalize, eps=bn.eps, relu=relu)

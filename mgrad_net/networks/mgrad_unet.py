@@ -9,9 +9,9 @@ import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from monai.networks.layers.factories import Pool
 
-from mgrad_net.networks.blocks import _INTERP_MODES, RFB, ResidualStage, conv_norm_act, inplace_act
+from mgrad_net.networks.blocks import _INTERP_MODES, RFB, ResidualStage, add, conv_norm_act, inplace_act
 from mgrad_net.networks.decoders import GRADDecoder, MSDDecoder, SideOutputs, upsample_levels
-from mgrad_net.networks.lazy import frozen_norm_stats, lazy_op, lazy_recompute, lazy_sum, strip_recipes
+from mgrad_net.networks.lazy import frozen_norm_stats, lazy_op, lazy_recompute, strip_recipes
 
 __all__ = ["MGRADOutput", "MGRADUNet"]
 
@@ -284,7 +284,7 @@ class MGRADUNet(nn.Module):
             if feedback is not None:
                 if len(feedback) != self.levels:
                     raise ValueError("feedback must hold {} tensors, got {}.".format(self.levels, len(feedback)))
-                r = [strip_recipes(lazy_sum(r[i], feedback[i])) for i in range(self.levels)]
+                r = [strip_recipes(add([r[i], feedback[i]])) for i in range(self.levels)]
             up = upsample_levels(r, self.mode)
             p1, m = self.msd(r, up)
             m = [strip_recipes(t) for t in m]
