@@ -241,7 +241,7 @@ def _run(kind: str, threads: int | None, huge_pages: bool = True, **kwargs) -> d
 
 
 def main(
-    parts: str = "eval,train,infer3d",
+    parts: str | tuple = "eval,train,infer3d",
     size: int = 224,
     batch: int = 8,
     classes: int = 9,
@@ -260,7 +260,8 @@ def main(
         device: "cuda" or "cpu" (default: CUDA when available).
         json_out: also write every raw result to this JSON file.
     """
-    chosen = set(parts.split(","))
+    # fire hands "eval,train" over as a tuple
+    chosen = set(parts.split(",")) if isinstance(parts, str) else {str(p) for p in parts}
     dev = {"device": device} if device else {}
     results: dict[str, dict] = {"peak": _run("peak", threads, **dev)}
     peak = results["peak"].get("gflops", float("nan"))
