@@ -13,8 +13,9 @@ shared between them); the parent prints one table with ratios:
    ran named), without recomputation, with selective and with full checkpointing and
    without transparent huge pages, beside BasicUNet's 3 plain steps with DiceCE;
 4. end-to-end 3D inference through the bundle's inference config (transforms, SliceInferer,
-   inversion, NIfTI writing) on a 512×512×100 CT-like volume and on an ACDC volume: slices/s,
-   share of time outside the network forward, peak memory.
+   inversion, NIfTI writing) on a 512×512×100 CT-like volume and on an ACDC volume, with the
+   full-size network (``full_size.json``) and with the config's own CPU preset: slices/s, share
+   of time outside the network forward, peak memory.
 
     python scripts/benchmark.py                       # everything, about 30 minutes on 2 cores
     python scripts/benchmark.py --parts="eval,train"  # a subset
@@ -165,8 +166,14 @@ def measure_train(
     return {"seconds": seconds, "peak_rss_gb": _peak_rss_gb(), "rss_before_gb": base, "recompute_mode": recomputed}
 
 
-def measure_infer3d(volume: str, size: int = 224, device: str | None = None, sw_batch_size: int = 8) -> dict:
-    """The bundle's inference config, end to end, on one synthetic CT-like or one ACDC volume."""
+def measure_infer3d(
+    volume: str, size: int = 224, device: str | None = None, sw_batch_size: int = 8, network: str = "full"
+) -> dict:
+    """The bundle's inference config, end to end, on one synthetic CT-like or one ACDC volume.
+
+    ``network="full"`` merges ``full_size.json`` (the paper's widths) and infers at ``size``²;
+    ``"default"`` keeps what ``inference.json`` alone runs (the CPU preset, at its own ROI size).
+    """
     import nibabel as nib
     import numpy as np
     import torch
@@ -175,6 +182,8 @@ def measure_infer3d(volume: str, size: int = 224, device: str | None = None, sw_
     dev = _device(device)
     work = Path(tempfile.mkdtemp(prefix="mgrad_bench_"))
     configs = [str(REPO / "bundle" / "configs" / "inference.json")]
+    if network == "full":
+        configs.append(str(REPO / "bundle" / "configs" / "full_size.json"))
     if volume == "ct":
         rng = np.random.RandomState(0)
         hu = rng.normal(40, 200, size=(512, 512, 100)).astype(np.int16)
@@ -192,7 +201,8 @@ def measure_infer3d(volume: str, size: int = 224, device: str | None = None, sw_
     parser["bundle_root"] = str(work)
     parser["ckpt_path"] = str(work / "model.pt")
     parser["device"] = f"$torch.device('{dev}')"
-    parser["roi_size"] = [size, size]
+    if network == "full":
+        parser["roi_size"] = [size, size]
     parser["inferer#sw_batch_size"] = sw_batch_size
     parser["dataset#data"] = [{"image": str(image)}]
     parser["output_dir"] = str(work / "out")
@@ -309,15 +319,15 @@ def main(
         lines.append("")
 
     if "infer3d" in chosen:
-        lines += ["3D inference through the bundle (full width, random weights)", "| volume | slices | slices/s | outside forward | seconds | peak RSS (GB) |", "|---|---|---|---|---|---|"]
-        for vol in ("ct", "acdc"):
-            r = _run("infer3d", threads, volume=vol, size=size, **dev)
-            results[f"infer3d/{vol}"] = r
-            print(f"measured infer3d {vol}", file=sys.stderr, flush=True)
+        lines += ["3D inference through the bundle (random weights; full: full_size.json at the size above, default: the CPU preset at 128x128)", "| network | volume | slices | slices/s | outside forward | seconds | peak RSS (GB) |", "|---|---|---|---|---|---|---|"]
+        for network, vol in (("full", "ct"), ("full", "acdc"), ("default", "ct"), ("default", "acdc")):
+            r = _run("infer3d", threads, volume=vol, size=size, network=network, **dev)
+            results[f"infer3d/{network}/{vol}"] = r
+            print(f"measured infer3d {network} {vol}", file=sys.stderr, flush=True)
             if "slices" in r:
-                lines.append(f"| {vol} | {r['slices']} | {r['slices_per_s']:.2f} | {100 * r['outside_share']:.1f}% | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} |")
+                lines.append(f"| {network} | {vol} | {r['slices']} | {r['slices_per_s']:.2f} | {100 * r['outside_share']:.1f}% | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} |")
             else:
-                lines.append(f"| {vol} | {r} | | | | |")
+                lines.append(f"| {network} | {vol} | {r} | | | | |")
     print("\n".join(lines))
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2))

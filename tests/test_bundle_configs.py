@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
-from monai.bundle import verify_metadata
+import torch
+from monai.bundle import ConfigParser, verify_metadata
 
 from tests.bundle_utils import CONFIGS, REPO, free_port
 
@@ -66,6 +68,40 @@ def test_config_workflow_properties(files, workflow_type, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "properties ok" in proc.stdout
+
+
+# what a base config name on a command line stands for: evaluate.json merges after train.json
+_BASES = {"train": ["train"], "evaluate": ["train", "evaluate"], "inference": ["inference"]}
+
+
+def _merges() -> list[tuple[str, str]]:
+    """(override, base) for every "merge after a.json, b.json or c.json" an override's _desc_ promises."""
+    pairs = []
+    for path in sorted(CONFIGS.glob("*.json")):
+        desc = json.loads(path.read_text()).get("_desc_", "") if path.name != "metadata.json" else ""
+        found = re.search(r"[Mm]erge after ((?:\w+\.json(?:, | or )?)+)", desc)
+        if found:
+            pairs += [(path.stem, base) for base in re.findall(r"(\w+)\.json", found.group(1))]
+    return pairs
+
+
+@pytest.mark.parametrize("override, base", _merges())
+def test_every_override_merges_after_the_configs_it_names(override, base):
+    # a "#" key whose parent the base lacks fails at read_config: full_size.json's
+    # lr_scheduler#power did after inference.json
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f"{f}.json") for f in _BASES[base] + [override]])
+    net = parser.get_parsed_content("network_def", instantiate=True)
+    assert isinstance(net, torch.nn.Module)
+    if override == "full_size":
+        assert parser["network_def"]["features"] == [64, 128, 256, 512, 1024] and parser["roi_size"] == [224, 224]
+        if base == "train":
+            assert parser.get_parsed_content("lr_scheduler").power == 0.0
+
+
+def test_merges_cover_every_override():
+    named = {o for o, _ in _merges()}
+    assert {p.stem for p in CONFIGS.glob("*.json")} - {"train", "inference", "metadata"} <= named
 
 
 def test_runner_names_alias_run():
