@@ -91,8 +91,9 @@ def _malloc_trim() -> Optional[Callable[[int], int]]:
 def _end_of_backward() -> None:
     _release_recent()
     # glibc keeps in its heap what the pass freed below its mmap threshold (up to 32 MB a block,
-    # most rebuilt tensors): 1.7 GB at full size, that the next pass, allocating in other sizes,
-    # reused only in part. Handing it back made a 3-pass step peak at 5.8 GB instead of 6.4, no slower.
+    # most rebuilt tensors): about 2 GB after a full-size pass, which the next pass, allocating in
+    # other sizes, reused only in part. Handing it back made a 3-pass step peak at 5.8 GB instead
+    # of 6.4, no slower.
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
