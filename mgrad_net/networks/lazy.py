@@ -19,6 +19,11 @@ enough to run twice (:func:`lazy_conv`, the RFB branches' 1×1 and 1×k) keep no
 Outputs, and every rebuilt tensor, equal those of a plain forward pass bit for bit; gradients
 equal within float rounding, because autograd sums some of them in another order. BatchNorm's
 running statistics are updated once, in the forward pass.
+
+With glibc, the first lazy pass fixes the C allocator's mmap threshold at 4 MB for the rest of the
+process, and every lazy backward pass ends by handing freed heap back to the system
+(``malloc_trim``): the rebuilt tensors come and go in many sizes, and glibc's defaults let them
+fragment its heap (``scripts/benchmark.md``: 3-pass step 6.39 → 4.95–5.19 GB).
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 def _fix_mmap_threshold() -> None:
     # glibc raises its mmap threshold (up to 32 MB) each time a mapped block is freed, so from the
     # second pass on, most rebuilt tensors come from the heap, where blocks of changing sizes
-    # fragment it: a 3-pass step peaked 0.4-1.1 GB above its first pass. A fixed threshold maps
+    # fragment it: a 3-pass step peaked 0.7-1.1 GB above its first pass. A fixed threshold maps
     # every block of 4 MB or more and unmaps it when freed: 5.19 GB instead of 5.81 GB with huge
     # pages (no slower), 5.19 instead of 6.84 GB without them (slower: each block is faulted in
     # again). Process-wide and for good, as glibc offers no way back to the dynamic threshold.
