@@ -32,7 +32,7 @@ import collections
 import contextlib
 import ctypes
 import functools
-from typing import Callable, Deque, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -192,10 +192,6 @@ def _as_input(t: torch.Tensor) -> Union[torch.Tensor, Recipe]:
     return t if r is None else r
 
 
-def _pack(t: torch.Tensor) -> Union[torch.Tensor, Recipe]:
-    return _as_input(t)
-
-
 def _unpack(x: Union[torch.Tensor, Recipe]) -> torch.Tensor:
     return x.materialize() if isinstance(x, Recipe) else x
 
@@ -208,7 +204,7 @@ def lazy_recompute() -> Iterator[None]:
     _fix_mmap_threshold()
     previous, _State.active = _State.active, True
     try:
-        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        with torch.autograd.graph.saved_tensors_hooks(_as_input, _unpack):
             yield
     finally:
         _State.active = previous
@@ -273,6 +269,7 @@ def _linear_vjp(fn: Callable[..., torch.Tensor]) -> Callable[..., Sequence[torch
 
 
 def _record(out: torch.Tensor, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``out`` with the recipe ``fn(*inputs)``, the inputs' own recipes standing in for them."""
     setattr(out, _ATTR, Recipe(fn, [_as_input(t) for t in inputs], _autocast_of(inputs[0])))
     return out
 
@@ -346,8 +343,7 @@ def lazy_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"lazy_conv needs numeric zero padding, got {conv.padding!r} ({conv.padding_mode}).")
     out = _Conv.apply(conv, x, conv.weight, conv.bias)
-    setattr(out, _ATTR, Recipe(lambda x: conv._conv_forward(x, conv.weight, conv.bias), [_as_input(x)], _autocast_of(x)))
-    return out
+    return _record(out, lambda x: conv._conv_forward(x, conv.weight, conv.bias), [x])
 
 
 class _BatchNormReLU(torch.autograd.Function):
@@ -407,17 +403,15 @@ def _fast_path(adn: nn.Module) -> Optional[Tuple[_BatchNorm, bool]]:
 def lazy_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` saving only ``x`` and ``module``'s parameters; running statistics are updated
     here, once. In backward ``module`` runs again, with its parameters as arguments."""
-    names = [name for name, _ in module.named_parameters()]
-    params: List[torch.Tensor] = [p for _, p in module.named_parameters()]
+    named = dict(module.named_parameters())
+    names, params = list(named), list(named.values())
 
     def recompute(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
         # the parameters come in as arguments so that backward can differentiate with respect to them
         with frozen_norm_stats(module):
             return torch.func.functional_call(module, dict(zip(names, weights)), (x,))
 
-    out = _Recomputed.apply(lambda x, *_: module(x), recompute, x, *params)
-    setattr(out, _ATTR, Recipe(recompute, [_as_input(x), *params], _autocast_of(x)))
-    return out
+    return _record(_Recomputed.apply(lambda x, *_: module(x), recompute, x, *params), recompute, [x, *params])
 
 
 def lazy_act_of_sum(act: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -435,8 +429,6 @@ def lazy_norm_act(adn: nn.Module, c: torch.Tensor) -> torch.Tensor:
         return lazy_module(adn, c)
     bn, relu = fast
     out = _BatchNormReLU.apply(bn, relu, c, bn.weight, bn.bias)
-    rebuild = functools.partial(_normalize, eps=bn.eps, relu=relu)
-    recipe = Recipe(rebuild, [_as_input(c), bn.weight, bn.bias], _autocast_of(c))
-    setattr(out, _ATTR, recipe)
-    out.grad_fn.recipe = recipe
+    _record(out, functools.partial(_normalize, eps=bn.eps, relu=relu), [c, bn.weight, bn.bias])
+    out.grad_fn.recipe = getattr(out, _ATTR)
     return out

@@ -221,6 +221,8 @@ class MGRADUNet(nn.Module):
         if not torch.jit.is_tracing():
             # a traced graph keeps no Python branches; the shape checks would only warn there
             self._check_input(x)
+        if feedback is not None and len(feedback) != self.levels:
+            raise ValueError("feedback must hold {} tensors, got {}.".format(self.levels, len(feedback)))
         if not torch.jit.is_scripting():
             if self.recompute_mode(x) == "lazy":
                 return self._forward_lazy(x, feedback)
@@ -240,8 +242,6 @@ class MGRADUNet(nn.Module):
                 e = stage(e)
                 r.append(rfb(e))
         if feedback is not None:
-            if len(feedback) != self.levels:
-                raise ValueError("feedback must hold {} tensors, got {}.".format(self.levels, len(feedback)))
             r = [r[i] + feedback[i] for i in range(self.levels)]
         up = upsample_levels(r, self.mode)
         if mode != "none":
@@ -282,8 +282,6 @@ class MGRADUNet(nn.Module):
                 e = stage(lazy_op(self.pool, e) if i > 0 else e)
                 r.append(strip_recipes(rfb(e)))
             if feedback is not None:
-                if len(feedback) != self.levels:
-                    raise ValueError("feedback must hold {} tensors, got {}.".format(self.levels, len(feedback)))
                 r = [strip_recipes(add([r[i], feedback[i]])) for i in range(self.levels)]
             up = upsample_levels(r, self.mode)
             p1, m = self.msd(r, up)
