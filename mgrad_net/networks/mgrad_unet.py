@@ -11,7 +11,7 @@ from monai.networks.layers.factories import Pool
 
 from mgrad_net.networks.blocks import _INTERP_MODES, RFB, ResidualStage, add, conv_norm_act, inplace_act
 from mgrad_net.networks.decoders import GRADDecoder, MSDDecoder, SideOutputs, upsample_levels
-from mgrad_net.networks.lazy import frozen_norm_stats, lazy_op, lazy_recompute, strip_recipes
+from mgrad_net.networks.lazy import frozen_norm_stats, lazy_active, lazy_op, lazy_recompute, strip_recipes
 
 __all__ = ["MGRADOutput", "MGRADUNet"]
 
@@ -46,6 +46,16 @@ def _checkpoint(module: nn.Module, selective: bool, *args: object):
         return forward_ctx, _frozen_stats_then(module, recompute_ctx)
 
     return checkpoint(module, *args, use_reentrant=False, context_fn=contexts)
+
+
+def _kept(t: torch.Tensor) -> torch.Tensor:
+    # R_i, M_i and G_i stay alive in the network's output until backward ends anyway: under lazy
+    # recomputation they lose their recipes, so that what saves them keeps them instead of
+    # rebuilding them
+    if not torch.jit.is_scripting():
+        if lazy_active():
+            return strip_recipes(t)
+    return t
 
 
 class MGRADOutput(NamedTuple):
@@ -223,33 +233,42 @@ class MGRADUNet(nn.Module):
             self._check_input(x)
         if feedback is not None and len(feedback) != self.levels:
             raise ValueError("feedback must hold {} tensors, got {}.".format(self.levels, len(feedback)))
-        if not torch.jit.is_scripting():
-            if self.recompute_mode(x) == "lazy":
-                return self._forward_lazy(x, feedback)
-        e = x
-        r: List[torch.Tensor] = []
         mode = "none"
         if not torch.jit.is_scripting():
-            # torch.compile plans its own recomputation; the checkpoint contexts would only break its graph
             mode = self.recompute_mode(x)
+            if mode == "lazy":
+                return self._lazy_pass(x, feedback)
+        return self._pass(x, feedback, mode)
+
+    def _pass(self, x: torch.Tensor, feedback: Optional[List[torch.Tensor]], mode: str) -> MGRADOutput:
+        checkpointed = mode == "selective" or mode == "full"
+        e = x
+        r: List[torch.Tensor] = []
         for i, (stage, rfb) in enumerate(zip(self.encoder, self.rfbs)):
             if i > 0:
-                e = self.pool(e)
-            if mode != "none":
+                e = self._pool(e)
+            if checkpointed:
                 e, ri = self._recompute_level(i, e, mode == "selective")
-                r.append(ri)
             else:
                 e = stage(e)
-                r.append(rfb(e))
+                ri = rfb(e)
+            r.append(_kept(ri))
         if feedback is not None:
-            r = [r[i] + feedback[i] for i in range(self.levels)]
+            r = [_kept(add([r[i], feedback[i]])) for i in range(self.levels)]
         up = upsample_levels(r, self.mode)
-        if mode != "none":
+        if checkpointed:
             p1, m, p2, g = self._recompute_decoders(r, up, mode == "selective")
         else:
             p1, m = self.msd(r, up)
+            m = [_kept(t) for t in m]
             p2, g = self.grad(r, m, up)
-        return MGRADOutput(p1, p2, self.side(m), m, g, r)
+        return MGRADOutput(p1, p2, self.side(m), m, [_kept(t) for t in g], r)
+
+    def _pool(self, e: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if lazy_active():
+                return lazy_op(self.pool, e)
+        return self.pool(e)
 
     @property
     def checkpoint_mode(self) -> str:
@@ -272,22 +291,9 @@ class MGRADUNet(nn.Module):
         return mode
 
     @torch.jit.unused
-    def _forward_lazy(self, x: torch.Tensor, feedback: Optional[List[torch.Tensor]]) -> MGRADOutput:
-        # R_i, M_i and G_i stay alive in the output until after backward anyway: they lose their
-        # recipes at once, so that what saves them keeps them instead of rebuilding them
+    def _lazy_pass(self, x: torch.Tensor, feedback: Optional[List[torch.Tensor]]) -> MGRADOutput:
         with lazy_recompute():
-            e = x
-            r: List[torch.Tensor] = []
-            for i, (stage, rfb) in enumerate(zip(self.encoder, self.rfbs)):
-                e = stage(lazy_op(self.pool, e) if i > 0 else e)
-                r.append(strip_recipes(rfb(e)))
-            if feedback is not None:
-                r = [strip_recipes(add([r[i], feedback[i]])) for i in range(self.levels)]
-            up = upsample_levels(r, self.mode)
-            p1, m = self.msd(r, up)
-            m = [strip_recipes(t) for t in m]
-            p2, g = self.grad(r, m, up)
-            return MGRADOutput(p1, p2, self.side(m), m, [strip_recipes(t) for t in g], r)
+            return self._pass(x, feedback, "lazy")
 
     @torch.jit.unused
     def _recompute_level(self, i: int, e: torch.Tensor, selective: bool) -> Tuple[torch.Tensor, torch.Tensor]:
