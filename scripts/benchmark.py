@@ -17,7 +17,7 @@ shared between them); the parent prints one table with ratios:
    full-size network (``full_size.json``) and with the config's own CPU preset: slices/s, share
    of time outside the network forward, peak memory.
 
-    python scripts/benchmark.py                       # everything, about 30 minutes on 2 cores
+    python scripts/benchmark.py                       # everything, about 40 minutes on 2 cores
     python scripts/benchmark.py --parts="eval,train"  # a subset
     python scripts/benchmark.py --size=96 --batch=4   # a quick look
     python scripts/benchmark.py --parts=eval --rounds=1  # one round instead of three
