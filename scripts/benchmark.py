@@ -288,7 +288,7 @@ def main(
     lines = [f"fp32 matmul peak: {peak:.0f} GFLOP/s", ""]
 
     if "eval" in chosen:
-        # This machine's speed drifts by 10-20 % over minutes, for the network and the matmul
+        # This machine's speed drifts by 10-30 % over minutes, for the network and the matmul
         # alike: every configuration (and the peak) runs once per round, the rounds interleaved,
         # and the table gives each one's best and how far its worst round fell behind it.
         nets = ("plain", "optimized", "basicunet")
