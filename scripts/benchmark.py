@@ -292,40 +292,35 @@ def main(
         # alike: every configuration (and the peak) runs once per round, the rounds interleaved,
         # and the table gives each one's best and how far its worst round fell behind it.
         nets = ("plain", "optimized", "basicunet")
-        runs: dict[str, list] = {f"eval/{net}/b{b}": [] for b in (1, batch) for net in nets}
-        for rnd in range(rounds):
-            if rnd > 0:
-                results[f"peak/round{rnd + 1}"] = _run("peak", threads, **dev)
-                peak = max(peak, results[f"peak/round{rnd + 1}"].get("gflops", float("nan")))
-            for b in (1, batch):
-                for net in nets:
-                    r = _run("eval", threads, net=net, batch=b, window=batch, size=size, classes=classes, **dev)
-                    runs[f"eval/{net}/b{b}"].append(r)
-                    print(f"measured eval {net} batch {b}, round {rnd + 1}", file=sys.stderr, flush=True)
-        lines[0] = f"fp32 matmul peak: {peak:.0f} GFLOP/s" + (f" (best of {rounds} rounds)" if rounds > 1 else "")
-        lines += [
+        runs: dict[tuple, list] = {(net, b): [] for b in (1, batch) for net in nets}
+        for rnd in range(1, rounds + 1):
+            if rnd > 1:
+                results[f"peak/round{rnd}"] = _run("peak", threads, **dev)
+                peak = max(peak, results[f"peak/round{rnd}"].get("gflops", float("nan")))
+            for (net, b), done in runs.items():
+                done.append(_run("eval", threads, net=net, batch=b, window=batch, size=size, classes=classes, **dev))
+                print(f"measured eval {net} batch {b}, round {rnd}", file=sys.stderr, flush=True)
+        lines = [
+            f"fp32 matmul peak: {peak:.0f} GFLOP/s" + (f" (best of {rounds} rounds)" if rounds > 1 else ""),
+            "",
             f"Eval forward, {size}x{size}, {classes} classes, best of {rounds} round(s)",
             "| network | batch | ms/slice | worst round | GFLOP/s | % of peak | vs BasicUNet |",
             "|---|---|---|---|---|---|---|",
         ]
         for b in (1, batch):
-            best = {}
+            timed = {net: [r for r in runs[net, b] if "s_per_slice" in r] for net in nets}
+            times = {net: sorted(r["s_per_slice"] for r in timed[net]) for net in nets}
+            base = times["basicunet"][0] if times["basicunet"] else float("nan")
             for net in nets:
-                ok = [r for r in runs[f"eval/{net}/b{b}"] if "s_per_slice" in r]
-                if ok:
-                    best[net] = min(ok, key=lambda r: r["s_per_slice"])
-                    worst = max(r["s_per_slice"] for r in ok)
-                    results[f"eval/{net}/b{b}"] = {**best[net], "worst_s_per_slice": worst, "rounds": runs[f"eval/{net}/b{b}"]}
-            base = best["basicunet"]["s_per_slice"] if "basicunet" in best else float("nan")
-            for net in nets:
-                if net not in best:
-                    lines.append(f"| {net} | {b} | error: {runs[f'eval/{net}/b{b}'][0].get('error')} | | | | |")
+                results[f"eval/{net}/b{b}"] = {"rounds": runs[net, b]}
+                if not times[net]:
+                    lines.append(f"| {net} | {b} | error: {runs[net, b][0].get('error')} | | | | |")
                     continue
-                r = best[net]
-                gf = r["flops_per_slice"] / r["s_per_slice"] / 1e9
+                best, worst = times[net][0], times[net][-1]
+                results[f"eval/{net}/b{b}"].update(s_per_slice=best, worst_s_per_slice=worst, flops_per_slice=timed[net][0]["flops_per_slice"])
+                gf = timed[net][0]["flops_per_slice"] / best / 1e9
                 lines.append(
-                    f"| {net} | {b} | {r['s_per_slice'] * 1e3:.0f} | {results[f'eval/{net}/b{b}']['worst_s_per_slice'] * 1e3:.0f}"
-                    f" | {gf:.0f} | {100 * gf / peak:.0f}% | {r['s_per_slice'] / base:.2f} |"
+                    f"| {net} | {b} | {best * 1e3:.0f} | {worst * 1e3:.0f} | {gf:.0f} | {100 * gf / peak:.0f}% | {best / base:.2f} |"
                 )
         lines.append("")
 
