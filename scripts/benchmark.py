@@ -285,7 +285,8 @@ def main(
     dev = {"device": device} if device else {}
     results: dict[str, dict] = {"peak": _run("peak", threads, **dev)}
     peak = results["peak"].get("gflops", float("nan"))
-    lines = [f"fp32 matmul peak: {peak:.0f} GFLOP/s", ""]
+    peak_note = ""
+    lines: list[str] = []
 
     if "eval" in chosen:
         # This machine's speed drifts by 10-30 % over minutes, for the network and the matmul
@@ -300,9 +301,8 @@ def main(
             for (net, b), done in runs.items():
                 done.append(_run("eval", threads, net=net, batch=b, window=batch, size=size, classes=classes, **dev))
                 print(f"measured eval {net} batch {b}, round {rnd}", file=sys.stderr, flush=True)
-        lines = [
-            f"fp32 matmul peak: {peak:.0f} GFLOP/s" + (f" (best of {rounds} rounds)" if rounds > 1 else ""),
-            "",
+        peak_note = f" (best of {rounds} rounds)" if rounds > 1 else ""
+        lines += [
             f"Eval forward, {size}x{size}, {classes} classes, best of {rounds} round(s)",
             "| network | batch | ms/slice | worst round | GFLOP/s | % of peak | vs BasicUNet |",
             "|---|---|---|---|---|---|---|",
@@ -358,7 +358,7 @@ def main(
                 lines.append(f"| {network} | {vol} | {r['slices']} | {r['slices_per_s']:.2f} | {100 * r['outside_share']:.1f}% | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} |")
             else:
                 lines.append(f"| {network} | {vol} | {r} | | | | |")
-    print("\n".join(lines))
+    print("\n".join([f"fp32 matmul peak: {peak:.0f} GFLOP/s{peak_note}", "", *lines]))
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2))
 
