@@ -11,6 +11,7 @@ import torch
 from mgrad_net.inference import fold_batch_norm, optimize_for_inference
 from mgrad_net.losses import MGRADLoss
 from mgrad_net.networks import MGRADOutput, MGRADUNet
+from mgrad_net.networks.mgrad_unet import default_channels_last
 from mgrad_net.networks.decoders import upsample_levels
 from tests.conftest import tiny_net
 
@@ -150,6 +151,65 @@ def test_lazy_recomputation_under_autocast_rebuilds_in_the_same_precision():
     (_, _, fp32_grads, _), _ = _lazy_and_plain_step({}, autocast=False)
     flat, l_flat, ref = (torch.cat([g.flatten() for g in gs]) for gs in (grads, l_grads, fp32_grads))
     assert (flat - l_flat).norm() < 0.25 * (flat - ref).norm()
+
+
+def _nchw_and_channels_last_passes(mode: str, passes: int, dtype: torch.dtype):
+    """``passes`` feedback passes, each with its backward, of the same weights held NCHW and held
+    channels-last: per network, (p1 + p2 of the last pass, flattened gradients, buffers)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 1, 32, 32, dtype=dtype), torch.randint(0, 3, (2, 1, 32, 32))
+    nchw = tiny_net(out_channels=3, checkpointing=mode, channels_last=False).train()
+    cl = tiny_net(out_channels=3, checkpointing=mode, channels_last=True).train()
+    cl.load_state_dict(nchw.state_dict())
+    results = []
+    for net in (nchw.to(dtype), cl.to(dtype)):
+        convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        layout = torch.channels_last if net.channels_last else torch.contiguous_format
+        assert all(w.is_contiguous(memory_format=layout) for w in convs)
+        out, feedback = None, None
+        for _ in range(passes):
+            out = net(x, feedback=feedback)
+            MGRADLoss()(out, y).backward()
+            feedback = net.feedback(out)
+        logits = out.p1 + out.p2
+        assert logits.is_contiguous(memory_format=torch.channels_last) == net.channels_last
+        results.append((logits, torch.cat([p.grad.flatten() for p in net.parameters()]), list(net.buffers())))
+    return results
+
+
+@pytest.mark.parametrize("mode", ["none", "lazy"])
+def test_channels_last_keeps_outputs_and_gradients(mode):
+    # float32, oneDNN's channels-last kernels: other summation orders, equal within rounding
+    (logits, grads, buffers), (cl_logits, cl_grads, cl_buffers) = _nchw_and_channels_last_passes(mode, 1, torch.float32)
+    torch.testing.assert_close(cl_logits, logits, rtol=1e-4, atol=5e-5)
+    assert (cl_grads - grads).norm() <= 1e-4 * grads.norm()
+    for a, b in zip(cl_buffers, buffers):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # A feedback pass adds λ·(G − M) to features that ReLU left at exactly 0, so float32 rounding
+    # lands values on either side of ReLU's and |·|'s kinks: the gradients of some tensors then move
+    # by a few percent between any two float32 runs (NCHW's own drift from float64 is of that
+    # order at other seeds). In float64 the layouts must agree through the feedback pass.
+    (logits, grads, buffers), (cl_logits, cl_grads, cl_buffers) = _nchw_and_channels_last_passes(mode, 2, torch.float64)
+    torch.testing.assert_close(cl_logits, logits, rtol=1e-10, atol=1e-12)
+    assert (cl_grads - grads).norm() <= 1e-10 * grads.norm()
+    for a, b in zip(cl_buffers, buffers):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_channels_last_in_3d_and_its_default():
+    x = torch.randn(1, 1, 32, 32, 16)
+    nchw = tiny_net(spatial_dims=3, out_channels=2, channels_last=False).eval()
+    cl = tiny_net(spatial_dims=3, out_channels=2, channels_last=True).eval()
+    cl.load_state_dict(nchw.state_dict())
+    conv_weights = [m.weight for m in cl.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in conv_weights)
+    with torch.inference_mode():
+        torch.testing.assert_close(cl(x), nchw(x), rtol=1e-4, atol=1e-5)
+    # unless told, channels-last only where it was measured faster: 2D, AVX-512 CPU, no CUDA
+    assert tiny_net().channels_last == default_channels_last(2)
+    assert not tiny_net(spatial_dims=3).channels_last
+    with pytest.raises(ValueError, match="spatial_dims 2 or 3"):
+        tiny_net(spatial_dims=1, channels_last=True)
 
 
 def _held_bytes(net, x, y) -> int:
