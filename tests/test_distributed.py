@@ -102,9 +102,19 @@ def _rank_main(rank: int, port: int, per_rank: int, passes: int, out: str) -> No
 def test_two_ranks_with_batch_b_step_like_one_process_with_batch_2b(tmp_path):
     per_rank, passes = 2, 2
     mp.spawn(_rank_main, args=(free_port(), per_rank, passes, str(tmp_path)), nprocs=2, join=True)
+    start = _net().state_dict()
     single = _net()
     _train(single, _data(2 * per_rank), passes)
     for r in (0, 1):
         state = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         for name, p in single.state_dict().items():
-            torch.testing.assert_close(state[name], p, rtol=1e-4, atol=1e-6, msg=name)
+            if not p.is_floating_point():
+                assert torch.equal(state[name], p), name
+                continue
+            # Each rank's update against the single process's: gradients averaged over ranks and
+            # oneDNN's kernels for batch b instead of 2b round differently, and the feedback pass
+            # carries that across ReLU's and |.|'s kinks. On an AVX-512 CPU that moved the updates
+            # by up to 0.2 % of their norm (weights by up to 7.5e-6); a rank's gradient not averaged,
+            # or a sample lost, moves them by tens of percent.
+            update = p - start[name]
+            assert (state[name] - p).norm() <= 1e-2 * update.norm() + 1e-6, name
