@@ -3,7 +3,8 @@
 Each configuration runs in its own subprocess (clean peak-memory figures, no warm caches
 shared between them); the parent prints one table with ratios:
 
-1. this machine's fp32 matmul peak (GFLOP/s);
+1. this machine's fp32 matmul peak (GFLOP/s): the best of MKL's ``torch.mm`` and the same GEMM
+   through oneDNN, with the CPU (or GPU) it ran on and whether it has native bf16;
 2. eval forward at 224×224, full width, batch 1 and 8: s/slice, GFLOP/s achieved
    (``torch.utils.flop_counter``) and fraction of the peak — MGRAD-UNet as trained (``plain``),
    MGRAD-UNet as the bundle infers (``optimized``: BatchNorm folded, channels-last), and
@@ -12,12 +13,14 @@ shared between them); the parent prints one table with ratios:
    aggregated side loss): seconds and peak resident memory, at the default (``"auto"``, the mode it
    ran named), without recomputation, with selective and with full checkpointing and
    without transparent huge pages, beside BasicUNet's 3 plain steps with DiceCE;
+   where the device has native bf16, eval and training rows under bf16 autocast too, beside
+   BasicUNet's under the same autocast;
 4. end-to-end 3D inference through the bundle's inference config (transforms, SliceInferer,
    inversion, NIfTI writing) on a 512×512×100 CT-like volume and on an ACDC volume, with the
    full-size network (``full_size.json``) and with the config's own CPU preset: slices/s, share
    of time outside the network forward, peak memory.
 
-    python scripts/benchmark.py                       # everything, about 40 minutes on 2 cores
+    python scripts/benchmark.py                       # everything: 40 min on a 2-core AVX2 CPU, 25 on AVX-512
     python scripts/benchmark.py --parts="eval,train"  # a subset
     python scripts/benchmark.py --size=96 --batch=4   # a quick look
     python scripts/benchmark.py --parts=eval --rounds=1  # one round instead of three
@@ -76,20 +79,51 @@ def _net(name: str, classes: int, dev, **kwargs):
 
 
 def measure_peak(device: str | None = None, n: int = 2048, repeats: int = 10) -> dict:
-    """fp32 matmul GFLOP/s, the best of ``repeats``."""
+    """fp32 matmul GFLOP/s, the best of ``repeats``: an n×n×n product through ``torch.mm`` (MKL on a
+    CPU) and the same product as a 1×1 convolution (oneDNN, which runs the network's convolutions).
+
+    MKL takes its AVX2 code path on AMD CPUs: on an AVX-512 EPYC ``torch.mm`` reached 218 GFLOP/s
+    and oneDNN's GEMM 420-430, so MKL alone would put the convolutions above 100 % of "peak".
+    """
     import torch
+    import torch.nn.functional as F
 
     dev = _device(device)
+
+    def best_of(fn) -> float:
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            _sync(dev)
+            t = time.perf_counter()
+            fn()
+            _sync(dev)
+            best = min(best, time.perf_counter() - t)
+        return 2 * n**3 / best / 1e9
+
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(dev)
-        t = time.perf_counter()
-        torch.mm(a, b)
-        _sync(dev)
-        best = min(best, time.perf_counter() - t)
-    return {"gflops": 2 * n**3 / best / 1e9}
+    mm = best_of(lambda: torch.mm(a, b))
+    # n pixels × n channels in, n channels out
+    x, w = torch.randn(1, n, n, 1, device=dev), torch.randn(n, n, 1, 1, device=dev)
+    conv = best_of(lambda: F.conv2d(x, w))
+    return {"gflops": max(mm, conv), "mm_gflops": mm, "conv1x1_gflops": conv, **_machine(dev)}
+
+
+def _machine(dev) -> dict:
+    import platform
+
+    import torch
+
+    if dev.type == "cuda":
+        return {"machine": torch.cuda.get_device_name(dev), "fast_bf16": torch.cuda.is_bf16_supported()}
+    name = platform.processor()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    # oneDNN's own check for native bf16 instructions (AVX512-BF16, AMX); without them bf16 is emulated
+    bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    return {"machine": f"{name}, {os.cpu_count()} cores, ATen {torch.backends.cpu.get_cpu_capability()}", "fast_bf16": bf16}
 
 
 def measure_eval(
@@ -138,10 +172,14 @@ def measure_eval(
 
 def measure_train(
     net: str, batch: int = 8, size: int = 224, classes: int = 9, passes: int = 3, checkpointing: bool | str | None = None,
-    device: str | None = None,
+    device: str | None = None, amp: str | None = None,
 ) -> dict:  # fmt: skip
     """One training step: MGRAD-UNet's ``passes`` feedback passes with the MGRAD loss, or BasicUNet's
-    ``passes`` plain steps with DiceCE, each pass with its own backward and optimizer step."""
+    ``passes`` plain steps with DiceCE, each pass with its own backward and optimizer step.
+
+    ``amp`` (``"bfloat16"``, ``"float16"``) runs forward and loss under autocast, as
+    ``FeedbackTrainer(amp=True)`` does (no gradient scaling: bf16 needs none; the timing of fp16
+    on CUDA without it is the same)."""
     import torch
     from monai.losses import DiceCELoss
 
@@ -161,8 +199,9 @@ def measure_train(
     feedback = None
     for _ in range(passes):
         opt.zero_grad(set_to_none=True)
-        out = model(x) if feedback is None else model(x, feedback=feedback)
-        loss = loss_fn(out, y)
+        with torch.autocast(dev.type, dtype=getattr(torch, amp)) if amp else torch.autocast(dev.type, enabled=False):
+            out = model(x) if feedback is None else model(x, feedback=feedback)
+            loss = loss_fn(out, y)
         loss.backward()
         opt.step()
         if net != "basicunet":
@@ -292,35 +331,41 @@ def main(
         # This machine's speed drifts by 10-30 % over minutes, for the network and the matmul
         # alike: every configuration (and the peak) runs once per round, the rounds interleaved,
         # and the table gives each one's best and how far its worst round fell behind it.
-        nets = ("plain", "optimized", "basicunet")
-        runs: dict[tuple, list] = {(net, b): [] for b in (1, batch) for net in nets}
+        # bf16 autocast only where the device has native bf16 kernels (it ran 8.7x slower emulated)
+        fast_bf16 = results["peak"].get("fast_bf16", False)
+        configs = {"plain": {}, "optimized": {}, "basicunet": {}}
+        if fast_bf16:
+            configs.update({"optimized bf16": {"amp": "bfloat16"}, "basicunet bf16": {"amp": "bfloat16"}})
+        runs: dict[tuple, list] = {(name, b): [] for b in (1, batch) for name in configs}
         for rnd in range(1, rounds + 1):
             if rnd > 1:
                 results[f"peak/round{rnd}"] = _run("peak", threads, **dev)
                 peak = max(peak, results[f"peak/round{rnd}"].get("gflops", float("nan")))
-            for (net, b), done in runs.items():
-                done.append(_run("eval", threads, net=net, batch=b, window=batch, size=size, classes=classes, **dev))
-                print(f"measured eval {net} batch {b}, round {rnd}", file=sys.stderr, flush=True)
+            for (name, b), done in runs.items():
+                net = name.split()[0]
+                done.append(_run("eval", threads, net=net, batch=b, window=batch, size=size, classes=classes, **configs[name], **dev))
+                print(f"measured eval {name} batch {b}, round {rnd}", file=sys.stderr, flush=True)
         peak_note = f" (best of {rounds} rounds)" if rounds > 1 else ""
         lines += [
-            f"Eval forward, {size}x{size}, {classes} classes, best of {rounds} round(s)",
+            f"Eval forward, {size}x{size}, {classes} classes, best of {rounds} round(s); bf16 rows: autocast, vs BasicUNet in bf16, % of the fp32 peak",
             "| network | batch | ms/slice | worst round | GFLOP/s | % of peak | vs BasicUNet |",
             "|---|---|---|---|---|---|---|",
         ]
         for b in (1, batch):
-            timed = {net: [r for r in runs[net, b] if "s_per_slice" in r] for net in nets}
-            times = {net: sorted(r["s_per_slice"] for r in timed[net]) for net in nets}
-            base = times["basicunet"][0] if times["basicunet"] else float("nan")
-            for net in nets:
-                results[f"eval/{net}/b{b}"] = {"rounds": runs[net, b]}
-                if not times[net]:
-                    lines.append(f"| {net} | {b} | error: {runs[net, b][0].get('error')} | | | | |")
+            timed = {name: [r for r in runs[name, b] if "s_per_slice" in r] for name in configs}
+            times = {name: sorted(r["s_per_slice"] for r in timed[name]) for name in configs}
+            for name in configs:
+                yardstick = "basicunet bf16" if "bf16" in name else "basicunet"
+                base = times[yardstick][0] if times[yardstick] else float("nan")
+                results[f"eval/{name}/b{b}"] = {"rounds": runs[name, b]}
+                if not times[name]:
+                    lines.append(f"| {name} | {b} | error: {runs[name, b][0].get('error')} | | | | |")
                     continue
-                best, worst = times[net][0], times[net][-1]
-                results[f"eval/{net}/b{b}"].update(s_per_slice=best, worst_s_per_slice=worst, flops_per_slice=timed[net][0]["flops_per_slice"])
-                gf = timed[net][0]["flops_per_slice"] / best / 1e9
+                best, worst = times[name][0], times[name][-1]
+                results[f"eval/{name}/b{b}"].update(s_per_slice=best, worst_s_per_slice=worst, flops_per_slice=timed[name][0]["flops_per_slice"])
+                gf = timed[name][0]["flops_per_slice"] / best / 1e9
                 lines.append(
-                    f"| {net} | {b} | {best * 1e3:.0f} | {worst * 1e3:.0f} | {gf:.0f} | {100 * gf / peak:.0f}% | {best / base:.2f} |"
+                    f"| {name} | {b} | {best * 1e3:.0f} | {worst * 1e3:.0f} | {gf:.0f} | {100 * gf / peak:.0f}% | {best / base:.2f} |"
                 )
         lines.append("")
 
@@ -335,16 +380,22 @@ def main(
             ("MGRAD-UNet, default, without huge pages", {"huge_pages": False}),
             ("BasicUNet, 3 plain steps", {"net": "basicunet"}),
         )
+        if results["peak"].get("fast_bf16", False):
+            variants += (
+                ("MGRAD-UNet, default, bf16 autocast", {"amp": "bfloat16"}),
+                ("BasicUNet, 3 plain steps, bf16 autocast", {"net": "basicunet", "amp": "bfloat16"}),
+            )
         for name, kw in variants:
             r = _run("train", threads, **{"net": "mgrad", **kw}, batch=batch, size=size, classes=classes, **dev)
             results[f"train/{name}"] = rows[name] = r
             print(f"measured train {name}", file=sys.stderr, flush=True)
-        base = rows["BasicUNet, 3 plain steps"].get("seconds", float("nan"))
         for name, r in rows.items():
+            yardstick = "BasicUNet, 3 plain steps" + (", bf16 autocast" if "bf16" in name else "")
+            base = rows[yardstick].get("seconds", float("nan"))
             if "error" in r:
                 lines.append(f"| {name} | error: {r['error']} | | |")
             else:
-                label = f"{name}, ran {r['recompute_mode']}" if "auto" in name else name
+                label = f"{name}, ran {r['recompute_mode']}" if name.startswith("MGRAD-UNet") and "default" in name else name
                 lines.append(f"| {label} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | {r['seconds'] / base:.2f} |")
         lines.append("")
 
@@ -358,7 +409,13 @@ def main(
                 lines.append(f"| {network} | {vol} | {r['slices']} | {r['slices_per_s']:.2f} | {100 * r['outside_share']:.1f}% | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} |")
             else:
                 lines.append(f"| {network} | {vol} | {r} | | | | |")
-    print("\n".join([f"fp32 matmul peak: {peak:.0f} GFLOP/s{peak_note}", "", *lines]))
+    facts = results["peak"]
+    header = [
+        f"machine: {facts.get('machine', '?')}, native bf16: {'yes' if facts.get('fast_bf16') else 'no'}",
+        f"fp32 matmul peak: {peak:.0f} GFLOP/s{peak_note} (first round: torch.mm {facts.get('mm_gflops', float('nan')):.0f},"
+        f" as a oneDNN 1x1 convolution {facts.get('conv1x1_gflops', float('nan')):.0f})",
+    ]
+    print("\n".join([*header, "", *lines]))
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2))
 
