@@ -122,3 +122,29 @@ def test_verify_bundle_script_passes_every_check():
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert len(lines) == 7 and all(line.startswith("PASS") for line in lines), proc.stdout
     assert "7 of 7 checks passed" in proc.stdout
+
+
+@pytest.mark.parametrize("given, expected", [("false", False), ("False", False), ("0", False), ("true", True), ("TRUE", True), (False, False), (True, True)])
+def test_switches_given_on_the_command_line_reach_the_engines_as_booleans(given, expected):
+    # `--amp false` arrives as the text 'false', which Python counts as true
+    train = ConfigParser()
+    train.read_config([str(CONFIGS / "train.json")])
+    infer = ConfigParser()
+    infer.read_config([str(CONFIGS / "inference.json")])
+    for parser in (train, infer):
+        parser["amp"] = parser["compile"] = given
+    for parser, engine in ((train, "train#trainer"), (train, "validate#evaluator"), (infer, "evaluator")):
+        assert parser.get_parsed_content(f"{engine}#amp") is expected
+        assert parser.get_parsed_content(f"{engine}#compile") is expected
+    if not expected:  # (resuming for real needs a checkpoint on disk: tests/test_reliability.py)
+        train["resume"] = given
+        assert train.get_parsed_content("train#resume_loader#load_path") == train.get_parsed_content("ckpt_path")
+
+
+def test_a_misspelt_switch_is_an_error_that_names_it():
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json")])
+    parser["amp"] = "ture"
+    with pytest.raises(RuntimeError) as raised:
+        parser.get_parsed_content("train#trainer#amp")
+    assert "amp must be true or false, got 'ture'" in str(raised.value.__cause__)
