@@ -12,7 +12,8 @@ shared between them); the parent prints one table with ratios:
 3. one feedback training step (3 passes, batch 8, 9 classes, full width, MGRAD loss with the
    aggregated side loss): seconds and peak resident memory, at the default (``"auto"``, the mode it
    ran named), without recomputation, with selective and with full checkpointing and
-   without transparent huge pages, beside BasicUNet's 3 plain steps with DiceCE;
+   without transparent huge pages, and NCHW where the network's default is channels-last, beside
+   BasicUNet's 3 plain steps with DiceCE;
    where the device has native bf16, eval and training rows under bf16 autocast too, beside
    BasicUNet's under the same autocast;
 4. end-to-end 3D inference through the bundle's inference config (transforms, SliceInferer,
@@ -106,7 +107,10 @@ def measure_peak(device: str | None = None, n: int = 2048, repeats: int = 10) ->
     # n pixels × n channels in, n channels out
     x, w = torch.randn(1, n, n, 1, device=dev), torch.randn(n, n, 1, 1, device=dev)
     conv = best_of(lambda: F.conv2d(x, w))
-    return {"gflops": max(mm, conv), "mm_gflops": mm, "conv1x1_gflops": conv, **_machine(dev)}
+    from mgrad_net.networks.mgrad_unet import default_channels_last
+
+    facts = {"channels_last_default": dev.type == "cpu" and default_channels_last(2), **_machine(dev)}
+    return {"gflops": max(mm, conv), "mm_gflops": mm, "conv1x1_gflops": conv, **facts}
 
 
 def _machine(dev) -> dict:
@@ -172,7 +176,7 @@ def measure_eval(
 
 def measure_train(
     net: str, batch: int = 8, size: int = 224, classes: int = 9, passes: int = 3, checkpointing: bool | str | None = None,
-    device: str | None = None, amp: str | None = None,
+    device: str | None = None, amp: str | None = None, channels_last: bool | None = None,
 ) -> dict:  # fmt: skip
     """One training step: MGRAD-UNet's ``passes`` feedback passes with the MGRAD loss, or BasicUNet's
     ``passes`` plain steps with DiceCE, each pass with its own backward and optimizer step.
@@ -188,6 +192,8 @@ def measure_train(
     dev = _device(device)
     # None: the network's default ("auto")
     kwargs = {"checkpointing": checkpointing} if net != "basicunet" and checkpointing is not None else {}
+    if net != "basicunet" and channels_last is not None:
+        kwargs["channels_last"] = channels_last
     model = _net(net, classes, dev, **kwargs).train()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if net == "basicunet" else MGRADLoss()
     opt = torch.optim.AdamW(model.parameters(), 1e-4, weight_decay=1e-4)
@@ -380,6 +386,9 @@ def main(
             ("MGRAD-UNet, default, without huge pages", {"huge_pages": False}),
             ("BasicUNet, 3 plain steps", {"net": "basicunet"}),
         )
+        if results["peak"].get("channels_last_default", False):
+            # what the channels-last default buys where it applies
+            variants += (("MGRAD-UNet, default, NCHW", {"channels_last": False}),)
         if results["peak"].get("fast_bf16", False):
             variants += (
                 ("MGRAD-UNet, default, bf16 autocast", {"amp": "bfloat16"}),
