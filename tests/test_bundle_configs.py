@@ -124,7 +124,10 @@ def test_verify_bundle_script_passes_every_check():
     assert "7 of 7 checks passed" in proc.stdout
 
 
-@pytest.mark.parametrize("given, expected", [("false", False), ("False", False), ("0", False), ("true", True), ("TRUE", True), (False, False), (True, True)])
+@pytest.mark.parametrize(
+    "given, expected",
+    [("false", False), ("False", False), ("0", False), ("true", True), ("TRUE", True), (False, False), (True, True)],
+)
 def test_switches_given_on_the_command_line_reach_the_engines_as_booleans(given, expected):
     # `--amp false` arrives as the text 'false', which Python counts as true
     train = ConfigParser()

@@ -156,10 +156,10 @@ class MGRADUNet(nn.Module):
         channels_last: hold the convolution weights, and feed the input, in channels-last memory
             format (``channels_last_3d`` for ``spatial_dims=3``); what the network computes is the
             same, only oneDNN's kernels differ. ``None`` (default): on where we measured it faster,
-            a 2D network built on a CPU with AVX-512 and no CUDA device in sight (training step 20-25 %
-            faster at full size, 40-50 % for the CPU preset); off on AVX2 CPUs (oneDNN's channels-last
-            weight gradient ran at a quarter of its NCHW speed there) and where CUDA is available
-            (not measured). See :func:`default_channels_last`.
+            a 2D network built on a CPU with AVX-512 and no CUDA device in sight (a training pass
+            20-25 % faster at full size, the CPU preset's step in about half the time); off on AVX2
+            CPUs (oneDNN's channels-last weight gradient ran at a quarter of its NCHW speed there)
+            and where CUDA is available (not measured). See :func:`default_channels_last`.
     """
 
     # read only in eager training; TorchScript need not compile it
