@@ -62,10 +62,11 @@ def default_channels_last(spatial_dims: int = 2) -> bool:
     """Whether :class:`MGRADUNet` holds its weights channels-last unless told: a 2D network, a CPU
     whose ATen kernels use AVX-512 (``torch.backends.cpu.get_cpu_capability()``), no CUDA device.
 
-    Measured (``scripts/benchmark.md``): on a 2-core AVX-512 CPU (AMD EPYC, Zen 5) one full-size training pass
-    at batch 8 took 18-19 s channels-last against 23 s NCHW, the CPU preset's 0.8-1.0 s against
-    1.5 s; on a 2-core AVX2 CPU (an earlier AMD EPYC) oneDNN's channels-last weight gradient ran at 22-29 GFLOP/s
-    against 89-114 NCHW, so a step was slower. Not measured on GPUs, nor in 3D.
+    Measured (``scripts/benchmark.md``): on a 2-core AVX-512 CPU (AMD EPYC, Zen 5) one full-size
+    training pass at batch 8 took 18-19 s channels-last against 23 s NCHW, the CPU preset's step
+    0.8-1.0 s against 1.5-2.5 s; on a 2-core AVX2 CPU (an earlier AMD EPYC) oneDNN's channels-last
+    weight gradient ran at 22-29 GFLOP/s against 89-114 NCHW, so a step was slower. Not measured on
+    GPUs, nor in 3D.
     """
     return (
         spatial_dims == 2
