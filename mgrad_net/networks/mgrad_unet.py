@@ -145,7 +145,7 @@ class MGRADUNet(nn.Module):
             more forward pass of time; ``"none"`` (or ``False``) keeps everything. BatchNorm's
             running statistics are updated once in every mode. At full size on our CPU (batch 8,
             224²) a 3-pass training step peaked at 13.5 GB without recomputation, 8.7 GB selective,
-            6.9 GB full and 5.0 GB lazy (``scripts/benchmark.md``); at small widths the per-operation
+            6.9 GB full and 5.0-5.3 GB lazy (``scripts/benchmark.md``); at small widths the per-operation
             overhead dominates, so ``"auto"``, the default, is ``"lazy"`` when one first-stage
             activation of the batch (batch × ``features[0]`` × spatial size) holds at least
             :attr:`auto_selective_elements` values and ``"none"`` otherwise. Under
