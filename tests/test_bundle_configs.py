@@ -151,3 +151,15 @@ def test_a_misspelt_switch_is_an_error_that_names_it():
     with pytest.raises(RuntimeError) as raised:
         parser.get_parsed_content("train#trainer#amp")
     assert "amp must be true or false, got 'ture'" in str(raised.value.__cause__)
+
+
+def test_network_switches_given_as_text_build_the_network_asked_for():
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json")])
+    parser["network_def#use_rfb"] = "false"
+    parser["network_def#side_outputs"] = "False"
+    parser["network_def#channels_last"] = "false"
+    net = parser.get_parsed_content("network_def", instantiate=True)
+    assert not any(type(m).__name__ == "RFB" for m in net.modules())
+    assert len(net.side.convs) == 0
+    assert not net.channels_last

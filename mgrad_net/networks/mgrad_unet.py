@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from monai.networks.layers.factories import Pool
 
+from mgrad_net.config import flag
 from mgrad_net.networks.blocks import _INTERP_MODES, RFB, ResidualStage, add, conv_norm_act, inplace_act
 from mgrad_net.networks.decoders import GRADDecoder, MSDDecoder, SideOutputs, upsample_levels
 from mgrad_net.networks.lazy import frozen_norm_stats, lazy_active, lazy_op, lazy_recompute, strip_recipes
@@ -188,6 +189,10 @@ class MGRADUNet(nn.Module):
         channels_last: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        # a bundle's `--network_def#use_rfb false` arrives as the text 'false', which is truthy
+        use_rfb, side_outputs = flag(use_rfb, "use_rfb"), flag(side_outputs, "side_outputs")
+        if isinstance(channels_last, str):
+            channels_last = flag(channels_last, "channels_last")
         if spatial_dims not in (1, 2, 3):
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
         if len(features) != LEVELS:
