@@ -107,19 +107,22 @@ def measure_peak(device: str | None = None, n: int = 2048, repeats: int = 10) ->
     # n pixels × n channels in, n channels out
     x, w = torch.randn(1, n, n, 1, device=dev), torch.randn(n, n, 1, 1, device=dev)
     conv = best_of(lambda: F.conv2d(x, w))
-    from mgrad_net.networks.mgrad_unet import default_channels_last
-
-    facts = {"channels_last_default": dev.type == "cpu" and default_channels_last(2), **_machine(dev)}
-    return {"gflops": max(mm, conv), "mm_gflops": mm, "conv1x1_gflops": conv, **facts}
+    return {"gflops": max(mm, conv), "mm_gflops": mm, "conv1x1_gflops": conv, **_machine(dev)}
 
 
 def _machine(dev) -> dict:
+    """What the device is, and which of the network's defaults and optional rows apply to it."""
     import platform
 
     import torch
 
+    from mgrad_net.networks.mgrad_unet import default_channels_last
+
     if dev.type == "cuda":
-        return {"machine": torch.cuda.get_device_name(dev), "fast_bf16": torch.cuda.is_bf16_supported()}
+        return {
+            "machine": torch.cuda.get_device_name(dev), "fast_bf16": torch.cuda.is_bf16_supported(),
+            "channels_last_default": False,
+        }  # fmt: skip
     name = platform.processor()
     try:
         name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -127,7 +130,11 @@ def _machine(dev) -> dict:
         pass
     # oneDNN's own check for native bf16 instructions (AVX512-BF16, AMX); without them bf16 is emulated
     bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
-    return {"machine": f"{name}, {os.cpu_count()} cores, ATen {torch.backends.cpu.get_cpu_capability()}", "fast_bf16": bf16}
+    return {
+        "machine": f"{name}, {os.cpu_count()} cores, ATen {torch.backends.cpu.get_cpu_capability()}",
+        "fast_bf16": bf16,
+        "channels_last_default": default_channels_last(2),
+    }
 
 
 def measure_eval(
@@ -329,7 +336,8 @@ def main(
     chosen = set(parts.split(",")) if isinstance(parts, str) else {str(p) for p in parts}
     dev = {"device": device} if device else {}
     results: dict[str, dict] = {"peak": _run("peak", threads, **dev)}
-    peak = results["peak"].get("gflops", float("nan"))
+    facts = results["peak"]  # the machine's, from the first peak run
+    peak = facts.get("gflops", float("nan"))
     peak_note = ""
     lines: list[str] = []
 
@@ -338,18 +346,17 @@ def main(
         # alike: every configuration (and the peak) runs once per round, the rounds interleaved,
         # and the table gives each one's best and how far its worst round fell behind it.
         # bf16 autocast only where the device has native bf16 kernels (it ran 8.7x slower emulated)
-        fast_bf16 = results["peak"].get("fast_bf16", False)
-        configs = {"plain": {}, "optimized": {}, "basicunet": {}}
-        if fast_bf16:
-            configs.update({"optimized bf16": {"amp": "bfloat16"}, "basicunet bf16": {"amp": "bfloat16"}})
+        configs = {"plain": {"net": "plain"}, "optimized": {"net": "optimized"}, "basicunet": {"net": "basicunet"}}
+        if facts.get("fast_bf16", False):
+            configs["optimized bf16"] = {"net": "optimized", "amp": "bfloat16"}
+            configs["basicunet bf16"] = {"net": "basicunet", "amp": "bfloat16"}
         runs: dict[tuple, list] = {(name, b): [] for b in (1, batch) for name in configs}
         for rnd in range(1, rounds + 1):
             if rnd > 1:
                 results[f"peak/round{rnd}"] = _run("peak", threads, **dev)
                 peak = max(peak, results[f"peak/round{rnd}"].get("gflops", float("nan")))
             for (name, b), done in runs.items():
-                net = name.split()[0]
-                done.append(_run("eval", threads, net=net, batch=b, window=batch, size=size, classes=classes, **configs[name], **dev))
+                done.append(_run("eval", threads, batch=b, window=batch, size=size, classes=classes, **configs[name], **dev))
                 print(f"measured eval {name} batch {b}, round {rnd}", file=sys.stderr, flush=True)
         peak_note = f" (best of {rounds} rounds)" if rounds > 1 else ""
         lines += [
@@ -386,10 +393,10 @@ def main(
             ("MGRAD-UNet, default, without huge pages", {"huge_pages": False}),
             ("BasicUNet, 3 plain steps", {"net": "basicunet"}),
         )
-        if results["peak"].get("channels_last_default", False):
+        if facts.get("channels_last_default", False):
             # what the channels-last default buys where it applies
             variants += (("MGRAD-UNet, default, NCHW", {"channels_last": False}),)
-        if results["peak"].get("fast_bf16", False):
+        if facts.get("fast_bf16", False):
             variants += (
                 ("MGRAD-UNet, default, bf16 autocast", {"amp": "bfloat16"}),
                 ("BasicUNet, 3 plain steps, bf16 autocast", {"net": "basicunet", "amp": "bfloat16"}),
@@ -418,7 +425,6 @@ def main(
                 lines.append(f"| {network} | {vol} | {r['slices']} | {r['slices_per_s']:.2f} | {100 * r['outside_share']:.1f}% | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} |")
             else:
                 lines.append(f"| {network} | {vol} | {r} | | | | |")
-    facts = results["peak"]
     header = [
         f"machine: {facts.get('machine', '?')}, native bf16: {'yes' if facts.get('fast_bf16') else 'no'}",
         f"fp32 matmul peak: {peak:.0f} GFLOP/s{peak_note} (first round: torch.mm {facts.get('mm_gflops', float('nan')):.0f},"

@@ -191,8 +191,6 @@ class MGRADUNet(nn.Module):
         super().__init__()
         # a bundle's `--network_def#use_rfb false` arrives as the text 'false', which is truthy
         use_rfb, side_outputs = flag(use_rfb, "use_rfb"), flag(side_outputs, "side_outputs")
-        if isinstance(channels_last, str):
-            channels_last = flag(channels_last, "channels_last")
         if spatial_dims not in (1, 2, 3):
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
         if len(features) != LEVELS:
@@ -229,10 +227,11 @@ class MGRADUNet(nn.Module):
         self.grad = GRADDecoder(spatial_dims, decoder_channels, out_channels, norm, act)
         self.side = SideOutputs(spatial_dims, decoder_channels, out_channels, self.levels if side_outputs else 0)
         if channels_last is None:
-            channels_last = default_channels_last(spatial_dims)
-        if channels_last and spatial_dims == 1:
+            self.channels_last = default_channels_last(spatial_dims)
+        else:
+            self.channels_last = flag(channels_last, "channels_last")
+        if self.channels_last and spatial_dims == 1:
             raise ValueError("channels_last needs spatial_dims 2 or 3, got 1.")
-        self.channels_last = bool(channels_last)
         if self.channels_last:
             # .to() keeps a tensor's memory format, so the weights stay channels-last on any device
             self.to(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
