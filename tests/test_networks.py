@@ -5,7 +5,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mgrad_net.losses import MGRADLoss
-from mgrad_net.networks import MGRADOutput, MGRADUNet
+from mgrad_net.networks import MGRADOutput, MGRADUNet, blocks, decoders
 from tests.conftest import tiny_net
 
 
@@ -175,3 +175,34 @@ def test_monai_inferers_use_the_eval_network_unchanged():
         whole = torch.randn(2, 1, 64, 64)
         windowed = SlidingWindowInferer(roi_size=(64, 64), sw_batch_size=2)(whole, net)
         torch.testing.assert_close(windowed, net(whole))
+
+
+_ELEMENTWISE = {
+    "abs_diff": (lambda a, b, c: blocks.abs_diff(a, b), 2),
+    "add": (lambda a, b, c: blocks.add([a, b, c]), 3),
+    "positive_attention": (lambda a, b, c: decoders.positive_attention(a, b), 2),
+    "reverse_attention": (lambda a, b, c: decoders.reverse_attention(a, b, c), 3),
+    "up_add": (lambda a, b, c: decoders.up_add(a[..., ::2, ::2], b, mode="bilinear"), 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ELEMENTWISE))
+@pytest.mark.parametrize("bf16_input", [None, 0, 1])
+def test_elementwise_functions_in_place_without_autograd_equal_recorded_ones(name, bf16_input):
+    # without autograd they overwrite their own temporaries: same values bit for bit, same dtype
+    # (autocast hands them bf16 and float32 operands together), and their inputs untouched
+    fn, n = _ELEMENTWISE[name]
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 3, 8, 8, generator=gen) for _ in range(3)]
+    if bf16_input is not None:
+        inputs[bf16_input] = inputs[bf16_input].bfloat16()
+    before = [t.clone() for t in inputs]
+    recorded = fn(*[t.requires_grad_(i < n) for i, t in enumerate(inputs)])
+    assert recorded.grad_fn is not None
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            out = fn(*inputs)
+        assert out.dtype == recorded.dtype
+        assert torch.equal(out, recorded.detach())
+    for t, b in zip(inputs, before):
+        assert torch.equal(t.detach(), b)

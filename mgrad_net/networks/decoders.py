@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 
 from mgrad_net.networks.blocks import _INTERP_MODES, DifferentialProcess, add, conv_norm_act, upsample2
-from mgrad_net.networks.lazy import lazy_active, lazy_op
+from mgrad_net.networks.lazy import add_into, lazy_active, lazy_op
 
 __all__ = ["upsample_levels", "DifferentialPyramid", "MSDDecoder", "GRADDecoder", "SideOutputs"]
 
@@ -35,7 +35,10 @@ def positive_attention(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     if not torch.jit.is_scripting():
         if lazy_active():
             return lazy_op(positive_attention, x, m)
-    return x + x * torch.sigmoid(m)
+    if torch.is_grad_enabled() or x.dtype != m.dtype:
+        # σ's backward needs σ, the product's needs x and σ: only the product can take the sum
+        return add_into(x * torch.sigmoid(m), x)
+    return torch.sigmoid(m).mul_(x).add_(x)
 
 
 def reverse_attention(up: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -43,7 +46,10 @@ def reverse_attention(up: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> tor
     if not torch.jit.is_scripting():
         if lazy_active():
             return lazy_op(reverse_attention, up, x, m)
-    return torch.abs(up + x * (1 - torch.sigmoid(m)))
+    if torch.is_grad_enabled() or not x.dtype == m.dtype == up.dtype:
+        # σ's backward needs σ, the product's (1 − σ) and x, |·|'s its input
+        return add_into(x * (1 - torch.sigmoid(m)), up).abs()
+    return torch.sigmoid(m).neg_().add_(1).mul_(x).add_(up).abs_()  # −σ + 1 rounds as 1 − σ does
 
 
 def up_add(deeper: torch.Tensor, level: torch.Tensor, mode: str) -> torch.Tensor:
@@ -51,7 +57,7 @@ def up_add(deeper: torch.Tensor, level: torch.Tensor, mode: str) -> torch.Tensor
     if not torch.jit.is_scripting():
         if lazy_active():
             return lazy_op(functools.partial(up_add, mode=mode), deeper, level, linear=True)
-    return F.interpolate(deeper, scale_factor=2.0, mode=mode, align_corners=False) + level
+    return add_into(F.interpolate(deeper, scale_factor=2.0, mode=mode, align_corners=False), level)
 
 
 class DifferentialPyramid(nn.Module):

@@ -40,6 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
     "Recipe",
+    "add_into",
     "frozen_norm_stats",
     "lazy_active",
     "lazy_act_of_sum",
@@ -174,11 +175,12 @@ class Recipe:
             if self.fn is _sum:
                 # one term at a time, none of them kept: a decoder level sums four full-resolution
                 # tensors, and holding them all was the backward pass's peak
-                total: Optional[torch.Tensor] = None
-                for i in self.inputs:
+                terms = iter(self.inputs)
+                first = next(terms)
+                total = first.rebuild() if isinstance(first, Recipe) else first
+                for n, i in enumerate(terms):
                     t = i.rebuild() if isinstance(i, Recipe) else i
-                    total = t if total is None else total + t
-                assert total is not None
+                    total = total + t if n == 0 else add_into(total, t)  # the first term may be kept
                 return total
             return self.fn(*[i.materialize() if isinstance(i, Recipe) else i for i in self.inputs])
 
@@ -297,10 +299,18 @@ def lazy_cat(*parts: torch.Tensor) -> torch.Tensor:
     return _record(_Linear.apply(_cat, lambda g, shapes: g.split([s[1] for s in shapes], dim=1), *parts), _cat, parts)
 
 
+def add_into(total: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``total + t``, written into ``total`` (a temporary of the caller's) unless the sum would
+    have a wider dtype (autocast mixes bf16 and float32 operands). A fresh activation-sized tensor
+    costs more than the addition that fills it (page faults; on a VM whose host reclaims freed
+    memory, the host backing it again), and a sum's backward needs none of its operands."""
+    return total.add_(t) if torch.result_type(total, t) == total.dtype else total + t
+
+
 def _sum(*terms: torch.Tensor) -> torch.Tensor:
     total = terms[0] + terms[1]
     for t in terms[2:]:
-        total = total + t
+        total = add_into(total, t)
     return total
 
 
