@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.utils import get_act_layer
 
-from mgrad_net.networks.lazy import add_into, lazy_act_of_sum, lazy_active, lazy_cat, lazy_conv, lazy_norm_act, lazy_op, lazy_sum
+from mgrad_net.networks.lazy import lazy_act_of_sum, lazy_active, lazy_cat, lazy_conv, lazy_norm_act, lazy_op, lazy_sum, sum_terms
 
 __all__ = ["ConvNormAct", "conv_norm_act", "upsample2", "add", "abs_diff", "inplace_act", "ResidualStage", "RFB", "DifferentialProcess"]
 
@@ -89,7 +89,7 @@ def upsample2(x: torch.Tensor, mode: str) -> torch.Tensor:
 # The element-wise functions below overwrite their own temporaries wherever autograd does not need
 # them (always when nothing records the operations: inference, lazy recomputation's forward pass
 # and rebuilds): a fresh activation-sized tensor costs more than the arithmetic that fills it
-# (``add_into``). The same operations in the same order, so the results are bit-identical.
+# (``lazy.add_into``). The same operations in the same order, so the results are bit-identical.
 
 
 def add(terms: List[torch.Tensor]) -> torch.Tensor:
@@ -97,12 +97,7 @@ def add(terms: List[torch.Tensor]) -> torch.Tensor:
     if not torch.jit.is_scripting():
         if lazy_active():
             return lazy_sum(*terms)
-    if len(terms) == 1:
-        return terms[0]
-    total = terms[0] + terms[1]
-    for t in terms[2:]:
-        total = add_into(total, t)
-    return total
+    return sum_terms(terms)
 
 
 def abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import collections
 import contextlib
 import ctypes
 import functools
-from typing import Callable, Deque, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -52,6 +52,7 @@ __all__ = [
     "lazy_recompute",
     "lazy_sum",
     "strip_recipes",
+    "sum_terms",
 ]
 
 _ATTR = "_mgrad_recipe"
@@ -307,11 +308,18 @@ def add_into(total: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return total.add_(t) if torch.result_type(total, t) == total.dtype else total + t
 
 
-def _sum(*terms: torch.Tensor) -> torch.Tensor:
+def sum_terms(terms: List[torch.Tensor]) -> torch.Tensor:
+    """``terms[0] + terms[1] + …``, summed left to right, into the first sum's result."""
+    if len(terms) == 1:
+        return terms[0]
     total = terms[0] + terms[1]
     for t in terms[2:]:
         total = add_into(total, t)
     return total
+
+
+def _sum(*terms: torch.Tensor) -> torch.Tensor:
+    return sum_terms(list(terms))
 
 
 def _cat(*parts: torch.Tensor) -> torch.Tensor:
