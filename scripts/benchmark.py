@@ -13,7 +13,9 @@ shared between them); the parent prints one table with ratios:
    aggregated side loss): seconds and peak resident memory, at the default (``"auto"``, the mode it
    ran named), without recomputation, with selective and with full checkpointing and
    without transparent huge pages, and NCHW where the network's default is channels-last, beside
-   BasicUNet's 3 plain steps with DiceCE;
+   BasicUNet's 3 plain steps with DiceCE; then, for both networks, where that step's time goes:
+   the time inside convolutions, the same convolution calls replayed by themselves on warm
+   memory (what they cost at the least), and the time and memory traffic outside them;
    where the device has native bf16, eval and training rows under bf16 autocast too, beside
    BasicUNet's under the same autocast;
 4. end-to-end 3D inference through the bundle's inference config (transforms, SliceInferer,
@@ -181,6 +183,43 @@ def measure_eval(
     return {"s_per_slice": best / (calls * batch), "flops_per_slice": flops, "first_call_s": warm, "peak_rss_gb": _peak_rss_gb()}
 
 
+def _train_setup(net: str, batch: int, size: int, classes: int, dev, checkpointing=None, channels_last=None):
+    """The model, loss, optimizer and batch of one training step (``checkpointing`` None: the
+    network's default)."""
+    import torch
+    from monai.losses import DiceCELoss
+
+    from mgrad_net.losses import MGRADLoss
+
+    kwargs = {"checkpointing": checkpointing} if net != "basicunet" and checkpointing is not None else {}
+    if net != "basicunet" and channels_last is not None:
+        kwargs["channels_last"] = channels_last
+    model = _net(net, classes, dev, **kwargs).train()
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if net == "basicunet" else MGRADLoss()
+    opt = torch.optim.AdamW(model.parameters(), 1e-4, weight_decay=1e-4)
+    x = torch.randn(batch, 1, size, size, device=dev)
+    y = torch.randint(0, classes, (batch, 1, size, size), device=dev)
+    return model, loss_fn, opt, x, y
+
+
+def _train_step(model, loss_fn, opt, x, y, passes: int, amp: str | None = None) -> None:
+    """MGRAD-UNet's ``passes`` feedback passes, or BasicUNet's ``passes`` plain steps, each pass
+    with its own backward and optimizer step."""
+    import torch
+
+    feedback = None
+    for _ in range(passes):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=getattr(torch, amp)) if amp else torch.autocast(x.device.type, enabled=False):
+            out = model(x) if feedback is None else model(x, feedback=feedback)
+            loss = loss_fn(out, y)
+        loss.backward()
+        opt.step()
+        if hasattr(model, "feedback"):
+            feedback = model.feedback(out)
+        del out, loss
+
+
 def measure_train(
     net: str, batch: int = 8, size: int = 224, classes: int = 9, passes: int = 3, checkpointing: bool | str | None = None,
     device: str | None = None, amp: str | None = None, channels_last: bool | None = None,
@@ -191,39 +230,105 @@ def measure_train(
     ``amp`` (``"bfloat16"``, ``"float16"``) runs forward and loss under autocast, as
     ``FeedbackTrainer(amp=True)`` does (no gradient scaling: bf16 needs none; the timing of fp16
     on CUDA without it is the same)."""
-    import torch
-    from monai.losses import DiceCELoss
-
-    from mgrad_net.losses import MGRADLoss
-
     dev = _device(device)
-    # None: the network's default ("auto")
-    kwargs = {"checkpointing": checkpointing} if net != "basicunet" and checkpointing is not None else {}
-    if net != "basicunet" and channels_last is not None:
-        kwargs["channels_last"] = channels_last
-    model = _net(net, classes, dev, **kwargs).train()
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if net == "basicunet" else MGRADLoss()
-    opt = torch.optim.AdamW(model.parameters(), 1e-4, weight_decay=1e-4)
-    x = torch.randn(batch, 1, size, size, device=dev)
-    y = torch.randint(0, classes, (batch, 1, size, size), device=dev)
+    model, loss_fn, opt, x, y = _train_setup(net, batch, size, classes, dev, checkpointing, channels_last)
     base = _peak_rss_gb()
     _sync(dev)
     t = time.perf_counter()
-    feedback = None
-    for _ in range(passes):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=getattr(torch, amp)) if amp else torch.autocast(dev.type, enabled=False):
-            out = model(x) if feedback is None else model(x, feedback=feedback)
-            loss = loss_fn(out, y)
-        loss.backward()
-        opt.step()
-        if net != "basicunet":
-            feedback = model.feedback(out)
-        del out, loss
+    _train_step(model, loss_fn, opt, x, y, passes, amp)
     _sync(dev)
     seconds = time.perf_counter() - t
     recomputed = model.recompute_mode(x) if net != "basicunet" else "none"
     return {"seconds": seconds, "peak_rss_gb": _peak_rss_gb(), "rss_before_gb": base, "recompute_mode": recomputed}
+
+
+def measure_ops(net: str, batch: int = 8, size: int = 224, classes: int = 9, passes: int = 3, device: str | None = None) -> dict:
+    """Where a training step's time goes: the step of :func:`measure_train` (MGRAD-UNet without
+    recomputation, so with the fewest convolutions) with every aten operation recorded, then every
+    distinct convolution call (forward, and backward for input and weight) replayed by itself on
+    warm memory, best of 3.
+
+    The replayed sum is what the step's convolutions cost at the least on this device; the rest of
+    the step (normalisation, activations, the decoders' element-wise work, interpolation, losses,
+    optimizer, and the page faults of memory taken afresh) is the step minus that. ``other_gb``
+    counts the bytes the operations other than convolutions and views read and write.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dev = _device(device)
+    convs = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+
+    def nbytes(obj) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        return sum(nbytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
+
+    def describe(obj):
+        # a hashable stand-in for an argument: tensors by shape, dtype and memory format
+        if isinstance(obj, torch.Tensor):
+            last = obj.dim() == 4 and not obj.is_contiguous() and obj.is_contiguous(memory_format=torch.channels_last)
+            return ("tensor", tuple(obj.shape), obj.dtype, last)
+        return tuple(describe(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
+
+    def rebuild(arg):
+        if isinstance(arg, tuple) and arg[:1] == ("tensor",):
+            t = torch.randn(arg[1], dtype=arg[2], device=dev)
+            return t.contiguous(memory_format=torch.channels_last) if arg[3] else t
+        return [rebuild(v) for v in arg] if isinstance(arg, tuple) else arg
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls: dict = {}
+            self.conv_s = 0.0
+            self.other_bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in convs:
+                _sync(dev)
+                t = time.perf_counter()
+                out = func(*args, **kwargs)
+                _sync(dev)
+                self.conv_s += time.perf_counter() - t
+                key = (func, describe(args))
+                self.calls[key] = self.calls.get(key, 0) + 1
+                return out
+            out = func(*args, **kwargs)
+            if not func.is_view:
+                self.other_bytes += nbytes(args) + nbytes(list(kwargs.values())) + nbytes(out)
+            return out
+
+    model, loss_fn, opt, x, y = _train_setup(net, batch, size, classes, dev, checkpointing="none")
+    record = Record()
+    _sync(dev)
+    t = time.perf_counter()
+    with record:
+        _train_step(model, loss_fn, opt, x, y, passes)
+    _sync(dev)
+    step = time.perf_counter() - t
+    del model, opt, x, y
+
+    alone = flops = 0.0
+    for (func, described), count in record.calls.items():
+        args = rebuild(described)
+        with FlopCounterMode(display=False) as counter:
+            func(*args)  # also the warm-up: kernel choice, the output's memory backed
+        best = float("inf")
+        for _ in range(3):
+            _sync(dev)
+            t = time.perf_counter()
+            func(*args)
+            _sync(dev)
+            best = min(best, time.perf_counter() - t)
+        alone += best * count
+        flops += counter.get_total_flops() * count
+    return {
+        "seconds": step, "conv_in_step_s": record.conv_s, "conv_alone_s": alone, "conv_tflop": flops / 1e12,
+        "conv_calls": sum(record.calls.values()), "distinct_conv_calls": len(record.calls), "other_gb": record.other_bytes / 1e9,
+    }  # fmt: skip
 
 
 def measure_infer3d(
@@ -414,6 +519,31 @@ def main(
                 label = f"{name}, ran {r['recompute_mode']}" if name.startswith("MGRAD-UNet") and "default" in name else name
                 lines.append(f"| {label} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | {r['seconds'] / base:.2f} |")
         lines.append("")
+        # what the time-ratio target leaves for everything but the convolutions
+        ops = {name: _run("ops", threads, net=net, batch=batch, size=size, classes=classes, **dev) for name, net in (("MGRAD-UNet", "mgrad"), ("BasicUNet", "basicunet"))}
+        print("measured ops", file=sys.stderr, flush=True)
+        results["ops"] = ops
+        lines += [
+            "Where the step's time goes (no recomputation; every convolution call of the step, forward and backward, then replayed by itself on warm memory, best of 3)",
+            "| network | step (s) | in convolutions (s) | convolutions alone (s) | GFLOP/s alone | outside convolutions (s) | their traffic (GB) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        cols = ("seconds", "conv_in_step_s", "conv_alone_s", "gflops_alone", "outside_s", "other_gb")
+        for r in ops.values():
+            if "error" not in r:
+                r.update(gflops_alone=r["conv_tflop"] * 1e3 / r["conv_alone_s"], outside_s=r["seconds"] - r["conv_in_step_s"])
+        for name, r in ops.items():
+            lines.append(f"| {name} | error: {r['error']} | | | | | |" if "error" in r else f"| {name} | " + " | ".join(f"{r[c]:.1f}" if c != "gflops_alone" else f"{r[c]:.0f}" for c in cols) + " |")
+        mg, bu = ops["MGRAD-UNet"], ops["BasicUNet"]
+        if "error" not in mg and "error" not in bu:
+            lines.append("| ratio | " + " | ".join(f"{mg[c] / bu[c]:.2f}" for c in cols) + " |")
+            budget = 2.1 * bu["seconds"]
+            lines += ["", (
+                f"At 2.1x BasicUNet's step ({budget:.1f} s), MGRAD-UNet's convolutions alone ({mg['conv_alone_s']:.1f} s) leave"
+                f" {budget - mg['conv_alone_s']:.1f} s for everything else; outside its convolutions it spent {mg['outside_s']:.1f} s"
+                f" (BasicUNet {bu['outside_s']:.1f} s)."
+            )]  # fmt: skip
+        lines.append("")
 
     if "infer3d" in chosen:
         lines += ["3D inference through the bundle (random weights; full: full_size.json at the size above, default: the CPU preset at 128x128)", "| network | volume | slices | slices/s | outside forward | seconds | peak RSS (GB) |", "|---|---|---|---|---|---|---|"]
@@ -451,6 +581,7 @@ if __name__ == "__main__":
             "measure_peak": _measure_cli(measure_peak),
             "measure_eval": _measure_cli(measure_eval),
             "measure_train": _measure_cli(measure_train),
+            "measure_ops": _measure_cli(measure_ops),
             "measure_infer3d": _measure_cli(measure_infer3d),
         }
     )
