@@ -17,7 +17,9 @@ shared between them); the parent prints one table with ratios:
    the time inside convolutions, the same convolution calls replayed by themselves on warm
    memory (what they cost at the least), and the time and memory traffic outside them;
    where the device has native bf16, eval and training rows under bf16 autocast too, beside
-   BasicUNet's under the same autocast;
+   BasicUNet's under the same autocast; on a CPU with a C++ compiler, training rows under a
+   caching allocator (``scripts/caching_allocator.py``: what memory taken afresh costs), beside
+   BasicUNet's under the same allocator;
 4. end-to-end 3D inference through the bundle's inference config (transforms, SliceInferer,
    inversion, NIfTI writing) on a 512×512×100 CT-like volume and on an ACDC volume, with the
    full-size network (``full_size.json``) and with the config's own CPU preset: slices/s, share
@@ -39,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -123,7 +126,7 @@ def _machine(dev) -> dict:
     if dev.type == "cuda":
         return {
             "machine": torch.cuda.get_device_name(dev), "fast_bf16": torch.cuda.is_bf16_supported(),
-            "channels_last_default": False,
+            "channels_last_default": False, "cpu": False,
         }  # fmt: skip
     name = platform.processor()
     try:
@@ -136,6 +139,7 @@ def _machine(dev) -> dict:
         "machine": f"{name}, {os.cpu_count()} cores, ATen {torch.backends.cpu.get_cpu_capability()}",
         "fast_bf16": bf16,
         "channels_last_default": default_channels_last(2),
+        "cpu": True,
     }
 
 
@@ -223,13 +227,19 @@ def _train_step(model, loss_fn, opt, x, y, passes: int, amp: str | None = None) 
 def measure_train(
     net: str, batch: int = 8, size: int = 224, classes: int = 9, passes: int = 3, checkpointing: bool | str | None = None,
     device: str | None = None, amp: str | None = None, channels_last: bool | None = None,
+    caching_allocator_gb: float | None = None,
 ) -> dict:  # fmt: skip
     """One training step: MGRAD-UNet's ``passes`` feedback passes with the MGRAD loss, or BasicUNet's
     ``passes`` plain steps with DiceCE, each pass with its own backward and optimizer step.
 
     ``amp`` (``"bfloat16"``, ``"float16"``) runs forward and loss under autocast, as
     ``FeedbackTrainer(amp=True)`` does (no gradient scaling: bf16 needs none; the timing of fp16
-    on CUDA without it is the same)."""
+    on CUDA without it is the same). ``caching_allocator_gb`` runs the step under
+    ``scripts/caching_allocator.py``, holding at most that many GB of freed blocks (CPU only)."""
+    if caching_allocator_gb is not None:
+        import caching_allocator
+
+        caching_allocator.enable(float(caching_allocator_gb))
     dev = _device(device)
     model, loss_fn, opt, x, y = _train_setup(net, batch, size, classes, dev, checkpointing, channels_last)
     base = _peak_rss_gb()
@@ -506,12 +516,19 @@ def main(
                 ("MGRAD-UNet, default, bf16 autocast", {"amp": "bfloat16"}),
                 ("BasicUNet, 3 plain steps, bf16 autocast", {"net": "basicunet", "amp": "bfloat16"}),
             )
+        if facts.get("cpu", False) and shutil.which(os.environ.get("CXX", "c++")):
+            # what memory taken afresh costs: freed blocks kept and reused (native code, built here)
+            variants += (
+                ("MGRAD-UNet, default, caching allocator", {"caching_allocator_gb": "inf"}),
+                ("MGRAD-UNet, default, caching allocator holding <= 1 GB free", {"caching_allocator_gb": 1}),
+                ("BasicUNet, 3 plain steps, caching allocator", {"net": "basicunet", "caching_allocator_gb": "inf"}),
+            )
         for name, kw in variants:
             r = _run("train", threads, **{"net": "mgrad", **kw}, batch=batch, size=size, classes=classes, **dev)
             results[f"train/{name}"] = rows[name] = r
             print(f"measured train {name}", file=sys.stderr, flush=True)
         for name, r in rows.items():
-            yardstick = "BasicUNet, 3 plain steps" + (", bf16 autocast" if "bf16" in name else "")
+            yardstick = "BasicUNet, 3 plain steps" + (", bf16 autocast" if "bf16" in name else ", caching allocator" if "caching" in name else "")
             base = rows[yardstick].get("seconds", float("nan"))
             if "error" in r:
                 lines.append(f"| {name} | error: {r['error']} | | |")
