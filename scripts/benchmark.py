@@ -81,6 +81,18 @@ def _net(name: str, classes: int, dev, **kwargs):
     return MGRADUNet(in_channels=1, out_channels=classes, **kwargs).to(dev)
 
 
+def _best_seconds(fn, dev, repeats: int) -> float:
+    """The shortest of ``repeats`` timed calls of ``fn`` (warmed up by the caller)."""
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(dev)
+        t = time.perf_counter()
+        fn()
+        _sync(dev)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 # ---------------------------------------------------------------- measurements (in a subprocess)
 
 
@@ -97,15 +109,8 @@ def measure_peak(device: str | None = None, n: int = 2048, repeats: int = 10) ->
     dev = _device(device)
 
     def best_of(fn) -> float:
-        fn()
-        best = float("inf")
-        for _ in range(repeats):
-            _sync(dev)
-            t = time.perf_counter()
-            fn()
-            _sync(dev)
-            best = min(best, time.perf_counter() - t)
-        return 2 * n**3 / best / 1e9
+        fn()  # warm-up
+        return 2 * n**3 / _best_seconds(fn, dev, repeats) / 1e9
 
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     mm = best_of(lambda: torch.mm(a, b))
@@ -176,14 +181,12 @@ def measure_eval(
         model(x)  # warm-up: kernel selection, allocator, compilation
         warm = time.perf_counter() - t
         calls = max(1, -(-window // batch))
-        best = float("inf")
-        for _ in range(repeats):
-            _sync(dev)
-            t = time.perf_counter()
+
+        def one_window() -> None:
             for _ in range(calls):
                 model(x)
-            _sync(dev)
-            best = min(best, time.perf_counter() - t)
+
+        best = _best_seconds(one_window, dev, repeats)
     return {"s_per_slice": best / (calls * batch), "flops_per_slice": flops, "first_call_s": warm, "peak_rss_gb": _peak_rss_gb()}
 
 
@@ -326,17 +329,11 @@ def measure_ops(net: str, batch: int = 8, size: int = 224, classes: int = 9, pas
         args = rebuild(described)
         with FlopCounterMode(display=False) as counter:
             func(*args)  # also the warm-up: kernel choice, the output's memory backed
-        best = float("inf")
-        for _ in range(3):
-            _sync(dev)
-            t = time.perf_counter()
-            func(*args)
-            _sync(dev)
-            best = min(best, time.perf_counter() - t)
-        alone += best * count
+        alone += _best_seconds(lambda: func(*args), dev, 3) * count
         flops += counter.get_total_flops() * count
     return {
         "seconds": step, "conv_in_step_s": record.conv_s, "conv_alone_s": alone, "conv_tflop": flops / 1e12,
+        "gflops_alone": flops / alone / 1e9, "outside_s": step - record.conv_s,
         "conv_calls": sum(record.calls.values()), "distinct_conv_calls": len(record.calls), "other_gb": record.other_bytes / 1e9,
     }  # fmt: skip
 
@@ -545,12 +542,10 @@ def main(
             "| network | step (s) | in convolutions (s) | convolutions alone (s) | GFLOP/s alone | outside convolutions (s) | their traffic (GB) |",
             "|---|---|---|---|---|---|---|",
         ]
-        cols = ("seconds", "conv_in_step_s", "conv_alone_s", "gflops_alone", "outside_s", "other_gb")
-        for r in ops.values():
-            if "error" not in r:
-                r.update(gflops_alone=r["conv_tflop"] * 1e3 / r["conv_alone_s"], outside_s=r["seconds"] - r["conv_in_step_s"])
+        cols = {"seconds": ".1f", "conv_in_step_s": ".1f", "conv_alone_s": ".1f", "gflops_alone": ".0f", "outside_s": ".1f", "other_gb": ".1f"}
         for name, r in ops.items():
-            lines.append(f"| {name} | error: {r['error']} | | | | | |" if "error" in r else f"| {name} | " + " | ".join(f"{r[c]:.1f}" if c != "gflops_alone" else f"{r[c]:.0f}" for c in cols) + " |")
+            cells = [f"error: {r['error']}", "", "", "", "", ""] if "error" in r else [format(r[c], f) for c, f in cols.items()]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         mg, bu = ops["MGRAD-UNet"], ops["BasicUNet"]
         if "error" not in mg and "error" not in bu:
             lines.append("| ratio | " + " | ".join(f"{mg[c] / bu[c]:.2f}" for c in cols) + " |")
