@@ -10,7 +10,8 @@ shared between them); the parent prints one table with ratios:
    MGRAD-UNet as the bundle infers (``optimized``: BatchNorm folded, channels-last), and
    BasicUNet(features=(56, 112, 224, 448, 896, 56)), the yardstick matched in parameters;
 3. one feedback training step (3 passes, batch 8, 9 classes, full width, MGRAD loss with the
-   aggregated side loss): seconds and peak resident memory, at the default (``"auto"``, the mode it
+   aggregated side loss), twice in a row: seconds of the second step (as training repeats it) and
+   of the first, and peak resident memory, at the default (``"auto"``, the mode it
    ran named), without recomputation, with selective and with full checkpointing and
    without transparent huge pages, and NCHW where the network's default is channels-last, beside
    BasicUNet's 3 plain steps with DiceCE; then, for both networks, where that step's time goes:
@@ -25,7 +26,7 @@ shared between them); the parent prints one table with ratios:
    full-size network (``full_size.json``) and with the config's own CPU preset: slices/s, share
    of time outside the network forward, peak memory.
 
-    python scripts/benchmark.py                       # everything: 40 min on a 2-core AVX2 CPU, 25 on AVX-512
+    python scripts/benchmark.py                       # everything: 50 min on a 2-core AVX2 CPU, 35 on AVX-512
     python scripts/benchmark.py --parts="eval,train"  # a subset
     python scripts/benchmark.py --size=96 --batch=4   # a quick look
     python scripts/benchmark.py --parts=eval --rounds=1  # one round instead of three
@@ -230,10 +231,15 @@ def _train_step(model, loss_fn, opt, x, y, passes: int, amp: str | None = None) 
 def measure_train(
     net: str, batch: int = 8, size: int = 224, classes: int = 9, passes: int = 3, checkpointing: bool | str | None = None,
     device: str | None = None, amp: str | None = None, channels_last: bool | None = None,
-    caching_allocator_gb: float | None = None,
+    caching_allocator_gb: float | None = None, steps: int = 2,
 ) -> dict:  # fmt: skip
     """One training step: MGRAD-UNet's ``passes`` feedback passes with the MGRAD loss, or BasicUNet's
     ``passes`` plain steps with DiceCE, each pass with its own backward and optimizer step.
+
+    ``steps`` such steps run one after another; ``seconds`` is the last one's time, a step as
+    training repeats it, ``first_seconds`` the first one's (with what a process pays once: the
+    optimizer's state, oneDNN's kernels chosen, memory the process has not held before), peak
+    memory the highest over all of them.
 
     ``amp`` (``"bfloat16"``, ``"float16"``) runs forward and loss under autocast, as
     ``FeedbackTrainer(amp=True)`` does (no gradient scaling: bf16 needs none; the timing of fp16
@@ -246,18 +252,26 @@ def measure_train(
     dev = _device(device)
     model, loss_fn, opt, x, y = _train_setup(net, batch, size, classes, dev, checkpointing, channels_last)
     base = _peak_rss_gb()
-    _sync(dev)
-    t = time.perf_counter()
-    _train_step(model, loss_fn, opt, x, y, passes, amp)
-    _sync(dev)
-    seconds = time.perf_counter() - t
+    times = []
+    for _ in range(max(1, steps)):
+        _sync(dev)
+        t = time.perf_counter()
+        _train_step(model, loss_fn, opt, x, y, passes, amp)
+        _sync(dev)
+        times.append(time.perf_counter() - t)
     recomputed = model.recompute_mode(x) if net != "basicunet" else "none"
-    return {"seconds": seconds, "peak_rss_gb": _peak_rss_gb(), "rss_before_gb": base, "recompute_mode": recomputed}
+    return {
+        "seconds": times[-1], "first_seconds": times[0], "step_seconds": times, "peak_rss_gb": _peak_rss_gb(),
+        "rss_before_gb": base, "recompute_mode": recomputed,
+    }  # fmt: skip
 
 
-def measure_ops(net: str, batch: int = 8, size: int = 224, classes: int = 9, passes: int = 3, device: str | None = None) -> dict:
+def measure_ops(
+    net: str, batch: int = 8, size: int = 224, classes: int = 9, passes: int = 3, device: str | None = None, warmup: int = 1
+) -> dict:  # fmt: skip
     """Where a training step's time goes: the step of :func:`measure_train` (MGRAD-UNet without
-    recomputation, so with the fewest convolutions) with every aten operation recorded, then every
+    recomputation, so with the fewest convolutions; after ``warmup`` steps unrecorded, as
+    ``measure_train`` times the step after the first) with every aten operation recorded, then every
     distinct convolution call (forward, and backward for input and weight) replayed by itself on
     warm memory, best of 3.
 
@@ -315,6 +329,8 @@ def measure_ops(net: str, batch: int = 8, size: int = 224, classes: int = 9, pas
             return out
 
     model, loss_fn, opt, x, y = _train_setup(net, batch, size, classes, dev, checkpointing="none")
+    for _ in range(warmup):
+        _train_step(model, loss_fn, opt, x, y, passes)
     record = Record()
     _sync(dev)
     t = time.perf_counter()
@@ -495,7 +511,11 @@ def main(
         lines.append("")
 
     if "train" in chosen:
-        lines += [f"Training step, 3 passes, batch {batch}, {size}x{size}, {classes} classes", "| network | seconds | peak RSS (GB) | time vs BasicUNet |", "|---|---|---|---|"]
+        lines += [
+            f"Training step, 3 passes, batch {batch}, {size}x{size}, {classes} classes; two steps in a row: seconds and ratio of the second (as training repeats it), the first beside it",
+            "| network | seconds | first step (s) | peak RSS (GB) | time vs BasicUNet |",
+            "|---|---|---|---|---|",
+        ]
         rows = {}
         variants = (
             ("MGRAD-UNet (default: auto)", {}),
@@ -528,17 +548,17 @@ def main(
             yardstick = "BasicUNet, 3 plain steps" + (", bf16 autocast" if "bf16" in name else ", caching allocator" if "caching" in name else "")
             base = rows[yardstick].get("seconds", float("nan"))
             if "error" in r:
-                lines.append(f"| {name} | error: {r['error']} | | |")
+                lines.append(f"| {name} | error: {r['error']} | | | |")
             else:
                 label = f"{name}, ran {r['recompute_mode']}" if name.startswith("MGRAD-UNet") and "default" in name else name
-                lines.append(f"| {label} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | {r['seconds'] / base:.2f} |")
+                lines.append(f"| {label} | {r['seconds']:.1f} | {r['first_seconds']:.1f} | {r['peak_rss_gb']:.2f} | {r['seconds'] / base:.2f} |")
         lines.append("")
         # what the time-ratio target leaves for everything but the convolutions
         ops = {name: _run("ops", threads, net=net, batch=batch, size=size, classes=classes, **dev) for name, net in (("MGRAD-UNet", "mgrad"), ("BasicUNet", "basicunet"))}
         print("measured ops", file=sys.stderr, flush=True)
         results["ops"] = ops
         lines += [
-            "Where the step's time goes (no recomputation; every convolution call of the step, forward and backward, then replayed by itself on warm memory, best of 3)",
+            "Where the step's time goes (no recomputation, the step after a first one; every convolution call of it, forward and backward, then replayed by itself on warm memory, best of 3)",
             "| network | step (s) | in convolutions (s) | convolutions alone (s) | GFLOP/s alone | outside convolutions (s) | their traffic (GB) |",
             "|---|---|---|---|---|---|---|",
         ]
