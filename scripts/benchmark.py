@@ -26,7 +26,7 @@ shared between them); the parent prints one table with ratios:
    full-size network (``full_size.json``) and with the config's own CPU preset: slices/s, share
    of time outside the network forward, peak memory.
 
-    python scripts/benchmark.py                       # everything: 50 min on a 2-core AVX2 CPU, 35 on AVX-512
+    python scripts/benchmark.py                       # everything: 55 min on a 2-core AVX2 CPU, 40 on AVX-512
     python scripts/benchmark.py --parts="eval,train"  # a subset
     python scripts/benchmark.py --size=96 --batch=4   # a quick look
     python scripts/benchmark.py --parts=eval --rounds=1  # one round instead of three
