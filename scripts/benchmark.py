@@ -82,16 +82,18 @@ def _net(name: str, classes: int, dev, **kwargs):
     return MGRADUNet(in_channels=1, out_channels=classes, **kwargs).to(dev)
 
 
+def _seconds(fn, dev) -> float:
+    """Wall time of one call of ``fn``, with the device's queued work finished on either side."""
+    _sync(dev)
+    t = time.perf_counter()
+    fn()
+    _sync(dev)
+    return time.perf_counter() - t
+
+
 def _best_seconds(fn, dev, repeats: int) -> float:
     """The shortest of ``repeats`` timed calls of ``fn`` (warmed up by the caller)."""
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(dev)
-        t = time.perf_counter()
-        fn()
-        _sync(dev)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return min(_seconds(fn, dev) for _ in range(repeats))
 
 
 # ---------------------------------------------------------------- measurements (in a subprocess)
@@ -178,9 +180,7 @@ def measure_eval(
         model = torch.compile(model)
     ctx = torch.autocast(dev.type, dtype=getattr(torch, amp)) if amp else torch.autocast(dev.type, enabled=False)
     with torch.inference_mode(), ctx:
-        t = time.perf_counter()
-        model(x)  # warm-up: kernel selection, allocator, compilation
-        warm = time.perf_counter() - t
+        warm = _seconds(lambda: model(x), dev)  # warm-up: kernel selection, allocator, compilation
         calls = max(1, -(-window // batch))
 
         def one_window() -> None:
@@ -252,13 +252,7 @@ def measure_train(
     dev = _device(device)
     model, loss_fn, opt, x, y = _train_setup(net, batch, size, classes, dev, checkpointing, channels_last)
     base = _peak_rss_gb()
-    times = []
-    for _ in range(max(1, steps)):
-        _sync(dev)
-        t = time.perf_counter()
-        _train_step(model, loss_fn, opt, x, y, passes, amp)
-        _sync(dev)
-        times.append(time.perf_counter() - t)
+    times = [_seconds(lambda: _train_step(model, loss_fn, opt, x, y, passes, amp), dev) for _ in range(max(1, steps))]
     recomputed = model.recompute_mode(x) if net != "basicunet" else "none"
     return {
         "seconds": times[-1], "first_seconds": times[0], "step_seconds": times, "peak_rss_gb": _peak_rss_gb(),
@@ -332,12 +326,8 @@ def measure_ops(
     for _ in range(warmup):
         _train_step(model, loss_fn, opt, x, y, passes)
     record = Record()
-    _sync(dev)
-    t = time.perf_counter()
     with record:
-        _train_step(model, loss_fn, opt, x, y, passes)
-    _sync(dev)
-    step = time.perf_counter() - t
+        step = _seconds(lambda: _train_step(model, loss_fn, opt, x, y, passes), dev)
     del model, opt, x, y
 
     alone = flops = 0.0
@@ -408,9 +398,7 @@ def measure_infer3d(
 
     network.register_forward_pre_hook(pre)
     network.register_forward_hook(post)
-    t = time.perf_counter()
-    evaluator.run()
-    total = time.perf_counter() - t
+    total = _seconds(evaluator.run, dev)
     slices = nib.load(str(image)).shape[-1]
     return {
         "slices": slices,
@@ -517,35 +505,39 @@ def main(
             "|---|---|---|---|---|",
         ]
         rows = {}
+        # (row, its measure_train arguments, the BasicUNet row it is compared with: same conditions)
+        plain = "BasicUNet, 3 plain steps"
         variants = (
-            ("MGRAD-UNet (default: auto)", {}),
-            ("MGRAD-UNet, no checkpointing", {"checkpointing": "none"}),
-            ("MGRAD-UNet, selective checkpointing", {"checkpointing": "selective"}),
-            ("MGRAD-UNet, full checkpointing", {"checkpointing": "full"}),
-            ("MGRAD-UNet, default, without huge pages", {"huge_pages": False}),
-            ("BasicUNet, 3 plain steps", {"net": "basicunet"}),
+            ("MGRAD-UNet (default: auto)", {}, plain),
+            ("MGRAD-UNet, no checkpointing", {"checkpointing": "none"}, plain),
+            ("MGRAD-UNet, selective checkpointing", {"checkpointing": "selective"}, plain),
+            ("MGRAD-UNet, full checkpointing", {"checkpointing": "full"}, plain),
+            ("MGRAD-UNet, default, without huge pages", {"huge_pages": False}, plain),
+            (plain, {"net": "basicunet"}, plain),
         )
         if facts.get("channels_last_default", False):
             # what the channels-last default buys where it applies
-            variants += (("MGRAD-UNet, default, NCHW", {"channels_last": False}),)
+            variants += (("MGRAD-UNet, default, NCHW", {"channels_last": False}, plain),)
         if facts.get("fast_bf16", False):
+            bf16 = f"{plain}, bf16 autocast"
             variants += (
-                ("MGRAD-UNet, default, bf16 autocast", {"amp": "bfloat16"}),
-                ("BasicUNet, 3 plain steps, bf16 autocast", {"net": "basicunet", "amp": "bfloat16"}),
+                ("MGRAD-UNet, default, bf16 autocast", {"amp": "bfloat16"}, bf16),
+                (bf16, {"net": "basicunet", "amp": "bfloat16"}, bf16),
             )
         if facts.get("cpu", False) and shutil.which(os.environ.get("CXX", "c++")):
             # what memory taken afresh costs: freed blocks kept and reused (native code, built here)
+            cached = f"{plain}, caching allocator"
             variants += (
-                ("MGRAD-UNet, default, caching allocator", {"caching_allocator_gb": "inf"}),
-                ("MGRAD-UNet, default, caching allocator holding <= 1 GB free", {"caching_allocator_gb": 1}),
-                ("BasicUNet, 3 plain steps, caching allocator", {"net": "basicunet", "caching_allocator_gb": "inf"}),
+                ("MGRAD-UNet, default, caching allocator", {"caching_allocator_gb": "inf"}, cached),
+                ("MGRAD-UNet, default, caching allocator holding <= 1 GB free", {"caching_allocator_gb": 1}, cached),
+                (cached, {"net": "basicunet", "caching_allocator_gb": "inf"}, cached),
             )
-        for name, kw in variants:
+        for name, kw, _ in variants:
             r = _run("train", threads, **{"net": "mgrad", **kw}, batch=batch, size=size, classes=classes, **dev)
             results[f"train/{name}"] = rows[name] = r
             print(f"measured train {name}", file=sys.stderr, flush=True)
-        for name, r in rows.items():
-            yardstick = "BasicUNet, 3 plain steps" + (", bf16 autocast" if "bf16" in name else ", caching allocator" if "caching" in name else "")
+        for name, _, yardstick in variants:
+            r = rows[name]
             base = rows[yardstick].get("seconds", float("nan"))
             if "error" in r:
                 lines.append(f"| {name} | error: {r['error']} | | | |")

@@ -45,18 +45,18 @@ void release(void* p) {
 struct Caching final : at::Allocator {
   at::DataPtr allocate(size_t n) override {
     void* p = nullptr;
-    if (n >= kMin) {
+    if (n < kMin) {
+      p = c10::alloc_cpu(n);
+    } else {
       std::lock_guard<std::mutex> g(mu);
       auto it = bins.find(n);
       if (it != bins.end() && !it->second.empty()) {
         p = it->second.back();
         it->second.pop_back();
         held -= n;
+      } else {
+        p = c10::alloc_cpu(n);
       }
-    }
-    if (!p) p = c10::alloc_cpu(n);
-    if (n >= kMin) {
-      std::lock_guard<std::mutex> g(mu);
       live[p] = n;
     }
     // the context must be the data pointer itself: oneDNN asserts a "simple" data pointer
