@@ -1,4 +1,11 @@
-"""The T-pass feedback training step of MGRAD-UNet (eq. 7) as a MONAI ``SupervisedTrainer``."""
+"""Training steps for MONAI's ``SupervisedTrainer``: each network brings its own.
+
+MONAI's ``SupervisedTrainer`` takes an ``iteration_update(engine, batchdata)`` that replaces its
+default iteration; a step here is such a callable. :class:`FeedbackStep` is MGRAD-UNet's T-pass
+gate-control feedback step (eq. 7). :class:`FeedbackTrainer` is ``SupervisedTrainer`` with that
+step, the bundle's trainer. Networks whose method trains differently (a diffusion loss, an
+adversarial step) bring a step of their own and the same trainer runs it.
+"""
 
 from __future__ import annotations
 
@@ -13,104 +20,113 @@ from monai.utils.enums import CommonKeys as Keys
 
 from mgrad_net.networks.mgrad_unet import MGRADOutput
 
-__all__ = ["FeedbackTrainer", "logits_of"]
+__all__ = ["FeedbackStep", "FeedbackTrainer", "autocast", "logits_of"]
 
 
 def logits_of(output: Any) -> torch.Tensor:
     """The segmentation logits of a network output: ``P_1 + P_2`` of an :class:`MGRADOutput`, else itself."""
-    if isinstance(output, MGRADOutput):
-        return output.p1 + output.p2
-    return output
+    return output.logits if isinstance(output, MGRADOutput) else output
 
 
-class FeedbackTrainer(SupervisedTrainer):
-    """``SupervisedTrainer`` whose iteration runs MGRAD-UNet's gate-control feedback scheme.
+def autocast(engine: SupervisedTrainer, device: torch.device) -> contextlib.AbstractContextManager:
+    """The engine's mixed precision: float16 on CUDA (with the engine's gradient scaler), bfloat16
+    on a CPU (``engine.amp_kwargs`` may set another dtype); nothing when ``engine.amp`` is off."""
+    if not engine.amp:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        return torch.autocast("cuda", **engine.amp_kwargs)
+    return torch.autocast(device.type, **{"dtype": torch.bfloat16, **engine.amp_kwargs})
 
-    Each batch gets ``feedback_passes`` passes. Pass 1 has no feedback; pass t > 1 is fed
-    ``network.feedback(output)`` of pass t − 1 (λ·(G − M), detached). As in the published
-    code, every pass computes its own loss and takes its own optimizer step. ``feedback_passes=1``
-    is plain training. A network without a ``feedback`` method (a baseline swapped in through a
-    config) gets plain steps, one per pass, on the same batch.
+
+def prepare_batch(engine: SupervisedTrainer, batchdata: dict) -> tuple:
+    """``(inputs, targets, args, kwargs)`` of a batch through the engine's ``prepare_batch``."""
+    if batchdata is None:
+        raise ValueError("Must provide batch data for current iteration.")
+    batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+    inputs, targets, args, kwargs = batch if len(batch) == 4 else (*batch, (), {})
+    if engine.compile:
+        # torch.compile traces plain tensors; MetaTensor's metadata is not needed for training
+        inputs, targets = (t.as_tensor() if isinstance(t, MetaTensor) else t for t in (inputs, targets))
+    return inputs, targets, args, kwargs
+
+
+class FeedbackStep:
+    """MGRAD-UNet's gate-control feedback scheme as a ``SupervisedTrainer`` iteration (eq. 7).
+
+    Each batch gets ``passes`` passes. Pass 1 has no feedback; pass t > 1 is fed
+    ``network.feedback(output)`` of pass t − 1 (λ·(G − M), detached). As in the published code,
+    every pass computes its own loss and takes its own optimizer step. ``passes=1`` is plain
+    training. A network without a ``feedback`` method (a baseline swapped in through a config)
+    gets plain steps, one per pass, on the same batch.
 
     The engine output holds ``image``, ``label``, ``pred`` (the logits ``P_1 + P_2`` of the last
     pass, as an eval-mode forward would give) and ``loss`` (the mean of the passes' losses), as
     MONAI handlers expect; ``engine.state.pass_losses`` lists each pass's loss (kept out of the
-    output, which MONAI decollates per sample). FORWARD_COMPLETED,
-    LOSS_COMPLETED and BACKWARD_COMPLETED fire once per pass (before that pass's optimizer step),
-    MODEL_COMPLETED once per batch.
-
-    With ``amp=True``, autocast runs in float16 with gradient scaling on CUDA and in bfloat16
-    without scaling on a CPU (``amp_kwargs`` may set another dtype). With ``compile=True`` the
-    network is ``torch.compile``-d (by ``SupervisedTrainer``) and fed plain tensors.
+    output, which MONAI decollates per sample). FORWARD_COMPLETED, LOSS_COMPLETED and
+    BACKWARD_COMPLETED fire once per pass (before that pass's optimizer step), MODEL_COMPLETED once
+    per batch. With ``engine.amp`` the passes run under :func:`autocast`.
 
     Args:
-        feedback_passes: passes per batch, T (3 in the published code).
-        args, kwargs: those of :class:`monai.engines.SupervisedTrainer`.
+        passes: passes per batch, T (3 in the published code).
     """
 
-    def __init__(self, *args: Any, feedback_passes: int = 3, **kwargs: Any) -> None:
-        if feedback_passes < 1:
-            raise ValueError(f"feedback_passes must be at least 1, got {feedback_passes}.")
-        if kwargs.get("accumulation_steps", 1) != 1:
-            raise ValueError("FeedbackTrainer steps the optimizer every pass: accumulation_steps must be 1.")
-        super().__init__(*args, **kwargs)
-        self.feedback_passes = feedback_passes
+    def __init__(self, passes: int = 3) -> None:
+        if passes < 1:
+            raise ValueError(f"feedback_passes must be at least 1, got {passes}.")
+        self.passes = int(passes)
 
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if not self.amp:
-            return contextlib.nullcontext()
-        if device.type == "cuda":
-            return torch.autocast("cuda", **self.amp_kwargs)
-        kwargs = {"dtype": torch.bfloat16, **self.amp_kwargs}
-        return torch.autocast(device.type, **kwargs)
-
-    def _iteration(self, engine: FeedbackTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        if len(batch) == 2:
-            inputs, targets = batch
-            args: tuple = ()
-            kwargs: dict = {}
-        else:
-            inputs, targets, args, kwargs = batch
-        if engine.compile:
-            # torch.compile traces plain tensors; MetaTensor's metadata is not needed for training
-            inputs, targets = (t.as_tensor() if isinstance(t, MetaTensor) else t for t in (inputs, targets))
+    def __call__(self, engine: SupervisedTrainer, batchdata: dict) -> dict:
+        inputs, targets, args, kwargs = prepare_batch(engine, batchdata)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
-
         network = engine.network
         core = getattr(network, "module", network)  # DistributedDataParallel wraps the model
         feedback_fn = getattr(core, "feedback", None)
-        scaler = engine.scaler if inputs.device.type == "cuda" else None
+        scaler = engine.scaler if engine.amp and inputs.device.type == "cuda" else None
         network.train()
 
         feedback = None
         pass_losses = []
-        for t in range(self.feedback_passes):
+        for t in range(self.passes):
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
             extra = dict(kwargs) if feedback is None else {**kwargs, "feedback": feedback}
-            with self._autocast(inputs.device):
+            with autocast(engine, inputs.device):
                 output = engine.inferer(inputs, network, *args, **extra)
                 engine.state.output[Keys.PRED] = logits_of(output)
                 engine.fire_event(IterationEvents.FORWARD_COMPLETED)
                 loss = engine.loss_function(output, targets).mean()
                 engine.state.output[Keys.LOSS] = loss
                 engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            if engine.amp and scaler is not None:
-                scaler.scale(loss).backward()
-                engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            if scaler is not None:
                 scaler.step(engine.optimizer)
                 scaler.update()
             else:
-                loss.backward()
-                engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
                 engine.optimizer.step()
             pass_losses.append(loss.detach())
-            if feedback_fn is not None and t + 1 < self.feedback_passes and isinstance(output, MGRADOutput):
+            if feedback_fn is not None and t + 1 < self.passes and isinstance(output, MGRADOutput):
                 feedback = feedback_fn(output)
 
         engine.state.output[Keys.LOSS] = torch.stack(pass_losses).mean()
         engine.state.pass_losses = pass_losses
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+class FeedbackTrainer(SupervisedTrainer):
+    """MONAI's ``SupervisedTrainer`` running :class:`FeedbackStep` unless given another step.
+
+    Args:
+        feedback_passes: passes per batch, T, of the default :class:`FeedbackStep`.
+        iteration_update: a network's own training step, ``step(engine, batchdata) -> output``;
+            ``None`` for ``FeedbackStep(feedback_passes)``.
+        args, kwargs: those of :class:`monai.engines.SupervisedTrainer`.
+    """
+
+    def __init__(self, *args: Any, feedback_passes: int = 3, iteration_update: Any = None, **kwargs: Any) -> None:
+        if kwargs.get("accumulation_steps", 1) != 1:
+            raise ValueError("FeedbackTrainer steps the optimizer every pass: accumulation_steps must be 1.")
+        step = iteration_update if iteration_update is not None else FeedbackStep(feedback_passes)
+        super().__init__(*args, iteration_update=step, **kwargs)
+        self.step = step
+        self.feedback_passes = getattr(step, "passes", 1)

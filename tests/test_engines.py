@@ -1,16 +1,17 @@
-"""FeedbackTrainer: the T-pass feedback step in a real MONAI SupervisedTrainer, and that it learns."""
+"""FeedbackStep / FeedbackTrainer: the T-pass feedback step in a real MONAI SupervisedTrainer, a
+network's own step in its place, and that it learns."""
 
 import pytest
 import torch
 from ignite.engine import Events
 from monai.data import DataLoader
-from monai.engines import SupervisedEvaluator
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import MeanDice, from_engine
 from monai.networks.nets import BasicUNet
 from monai.transforms import AsDiscreted, Compose
 
 from mgrad_net.data import synthetic_disks
-from mgrad_net.engines import FeedbackTrainer
+from mgrad_net.engines import FeedbackStep, FeedbackTrainer
 from mgrad_net.losses import MGRADLoss
 from mgrad_net.networks import MGRADOutput
 from tests.conftest import tiny_net
@@ -111,6 +112,40 @@ def test_baseline_network_without_feedback_trains_with_the_same_engine():
     rec = _Recorder(net, trainer)
     trainer.run()
     assert rec.steps == 4 and rec.feedbacks == [None] * 4
+
+
+def test_feedback_step_runs_in_monai_supervised_trainer_as_in_feedback_trainer():
+    results = []
+    for make in (
+        lambda net, **kw: SupervisedTrainer(iteration_update=FeedbackStep(passes=3), **kw),
+        lambda net, **kw: FeedbackTrainer(feedback_passes=3, **kw),
+    ):
+        torch.manual_seed(0)
+        net = tiny_net(out_channels=2)
+        trainer = make(
+            net, device=CPU, max_epochs=1, train_data_loader=_loader(), network=net,
+            optimizer=torch.optim.AdamW(net.parameters(), 1e-3), loss_function=MGRADLoss(),
+        )  # fmt: skip
+        rec = _Recorder(net, trainer)
+        trainer.run()
+        assert rec.steps == 6
+        results.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_network_brings_its_own_step():
+    calls = []
+
+    def own_step(engine, batchdata):  # e.g. a diffusion loss or an adversarial step
+        calls.append(engine.state.iteration)
+        return {"loss": torch.tensor(0.0)}
+
+    net = tiny_net(out_channels=2)
+    trainer = _trainer(net, passes=3, iteration_update=own_step)
+    rec = _Recorder(net, trainer)
+    trainer.run()
+    assert calls == [1, 2] and rec.steps == 0 and trainer.step is own_step
 
 
 def test_invalid_pass_count_is_rejected():

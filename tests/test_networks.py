@@ -1,11 +1,16 @@
-"""MGRADUNet: size, output contract, feedback (eq. 7), gradients, export and input errors."""
+"""MGRADUNet: size, output contract, feedback (eq. 7), gradients, export, input errors, and the
+switches that must not change what it computes (checkpointing, channels-last, in-place activations)."""
+
+import copy
+import gc
 
 import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mgrad_net.losses import MGRADLoss
-from mgrad_net.networks import MGRADOutput, MGRADUNet, blocks, decoders
+from mgrad_net.networks import MGRADOutput, MGRADUNet
+from mgrad_net.networks.decoders import upsample_levels
 from tests.conftest import tiny_net
 
 
@@ -60,12 +65,12 @@ def test_eval_output_is_p1_plus_p2_of_train_result():
     x = torch.randn(2, 1, 32, 32)
     out = net.train()(x)
     net.eval()
-    net.cpu_micro_batch = 0  # whole-batch statistics below, as in the train pass
     for m in net.modules():  # same normalisation statistics as the train pass: only the mode differs
         if isinstance(m, _BatchNorm):
             m.train()
     y = net(x)
     torch.testing.assert_close(y, out.p1 + out.p2, rtol=0, atol=0)
+    torch.testing.assert_close(out.logits, out.p1 + out.p2, rtol=0, atol=0)
 
 
 def test_feedback_is_lambda_times_g_minus_m_and_shifts_features_exactly():
@@ -177,32 +182,137 @@ def test_monai_inferers_use_the_eval_network_unchanged():
         torch.testing.assert_close(windowed, net(whole))
 
 
-_ELEMENTWISE = {
-    "abs_diff": (lambda a, b, c: blocks.abs_diff(a, b), 2),
-    "add": (lambda a, b, c: blocks.add([a, b, c]), 3),
-    "positive_attention": (lambda a, b, c: decoders.positive_attention(a, b), 2),
-    "reverse_attention": (lambda a, b, c: decoders.reverse_attention(a, b, c), 3),
-    "up_add": (lambda a, b, c: decoders.up_add(a[..., ::2, ::2], b, mode="bilinear"), 2),
-}
+def test_inplace_activations_keep_outputs_and_gradients():
+    x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 1, 32, 32))
+    torch.manual_seed(1)
+    inplace = tiny_net(out_channels=3)
+    torch.manual_seed(1)
+    copying = tiny_net(out_channels=3, act=("relu", {"inplace": False}))
+    assert any(getattr(m, "inplace", False) for m in inplace.modules())
+    assert not any(getattr(m, "inplace", False) for m in copying.modules())
+    for net in (inplace, copying):
+        net.train()
+        MGRADLoss()(net(x), y).backward()
+    for a, b in zip(inplace.parameters(), copying.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", sorted(_ELEMENTWISE))
-@pytest.mark.parametrize("bf16_input", [None, 0, 1])
-def test_elementwise_functions_in_place_without_autograd_equal_recorded_ones(name, bf16_input):
-    # without autograd they overwrite their own temporaries: same values bit for bit, same dtype
-    # (autocast hands them bf16 and float32 operands together), and their inputs untouched
-    fn, n = _ELEMENTWISE[name]
-    gen = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(2, 3, 8, 8, generator=gen) for _ in range(3)]
-    if bf16_input is not None:
-        inputs[bf16_input] = inputs[bf16_input].bfloat16()
-    before = [t.clone() for t in inputs]
-    recorded = fn(*[t.requires_grad_(i < n) for i, t in enumerate(inputs)])
-    assert recorded.grad_fn is not None
-    for mode in (torch.no_grad, torch.inference_mode):
-        with mode():
-            out = fn(*inputs)
-        assert out.dtype == recorded.dtype
-        assert torch.equal(out, recorded.detach())
-    for t, b in zip(inputs, before):
-        assert torch.equal(t.detach(), b)
+def test_shared_upsampling_gives_what_each_decoder_computes_alone():
+    net = tiny_net(out_channels=3).eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        out = net.forward_all(x)
+        r = out.features
+        p1, m = net.msd(r)  # each decoder upsampling for itself
+        p2, g = net.grad(r, m)
+        torch.testing.assert_close(p1, out.p1, rtol=0, atol=0)
+        torch.testing.assert_close(p2, out.p2, rtol=0, atol=0)
+        assert len(upsample_levels(r)) == 4
+
+
+def _two_feedback_passes(net, x, y):
+    """Two passes, each with its backward, the second fed back by the first: (logits, grads, buffers)."""
+    out, feedback, grads = None, None, []
+    for _ in range(2):
+        net.zero_grad()
+        out = net(x, feedback=feedback)
+        MGRADLoss()(out, y).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+        feedback = net.feedback(out)
+    return out.logits, grads, [b.clone() for b in net.buffers()]
+
+
+def test_full_checkpointing_keeps_outputs_gradients_and_statistics():
+    x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 1, 32, 32))
+    plain = tiny_net(out_channels=3).train()
+    full = copy.deepcopy(plain)
+    full.checkpointing = "full"
+    (logits, grads, buffers), (f_logits, f_grads, f_buffers) = (_two_feedback_passes(n, x, y) for n in (plain, full))
+    torch.testing.assert_close(f_logits, logits, rtol=0, atol=0)
+    for a, b in zip(f_grads, grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the recomputation in backward must not update BatchNorm's running statistics a second time
+    for a, b in zip(f_buffers, buffers):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _held_bytes(net, x, y) -> int:
+    """Bytes allocated by one training pass of ``net`` and its loss and still held when backward
+    starts (what autograd keeps, and the outputs), from PyTorch's memory profiler."""
+    gc.collect()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = MGRADLoss()(net(x), y)
+    held = sum(e.self_cpu_memory_usage for e in prof.events())
+    loss.backward()
+    return held
+
+
+def test_full_checkpointing_holds_less_for_backward_and_only_in_training():
+    x, y = torch.randn(2, 1, 64, 64), torch.randint(0, 3, (2, 1, 64, 64))
+    plain = tiny_net(out_channels=3).train()
+    full = copy.deepcopy(plain)
+    full.checkpointing = "full"
+    assert _held_bytes(full, x, y) < 0.6 * _held_bytes(plain, x, y)
+    with torch.no_grad():  # nothing to recompute without gradients: the same pass
+        torch.testing.assert_close(full.eval()(x), plain.eval()(x), rtol=0, atol=0)
+
+
+def test_unknown_checkpointing_mode_is_rejected():
+    with pytest.raises(ValueError, match="checkpointing must be one of"):
+        tiny_net(checkpointing="selective")
+
+
+def _nchw_and_channels_last_passes(mode: str, passes: int, dtype: torch.dtype):
+    """``passes`` feedback passes, each with its backward, of the same weights held NCHW and held
+    channels-last: per network, (logits of the last pass, flattened gradients, buffers)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 1, 32, 32, dtype=dtype), torch.randint(0, 3, (2, 1, 32, 32))
+    nchw = tiny_net(out_channels=3, checkpointing=mode).train()
+    cl = tiny_net(out_channels=3, checkpointing=mode, channels_last=True).train()
+    cl.load_state_dict(nchw.state_dict())
+    results = []
+    for net in (nchw.to(dtype), cl.to(dtype)):
+        convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        layout = torch.channels_last if net.channels_last else torch.contiguous_format
+        assert all(w.is_contiguous(memory_format=layout) for w in convs)
+        out, feedback = None, None
+        for _ in range(passes):
+            out = net(x, feedback=feedback)
+            MGRADLoss()(out, y).backward()
+            feedback = net.feedback(out)
+        assert out.logits.is_contiguous(memory_format=torch.channels_last) == net.channels_last
+        results.append((out.logits, torch.cat([p.grad.flatten() for p in net.parameters()]), list(net.buffers())))
+    return results
+
+
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_channels_last_keeps_outputs_and_gradients(mode):
+    # float32, oneDNN's channels-last kernels: other summation orders, equal within rounding
+    (logits, grads, buffers), (cl_logits, cl_grads, cl_buffers) = _nchw_and_channels_last_passes(mode, 1, torch.float32)
+    torch.testing.assert_close(cl_logits, logits, rtol=1e-4, atol=5e-5)
+    assert (cl_grads - grads).norm() <= 1e-4 * grads.norm()
+    for a, b in zip(cl_buffers, buffers):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # A feedback pass adds λ·(G − M) to features that ReLU left at exactly 0, so float32 rounding
+    # lands values on either side of ReLU's and |·|'s kinks: in float64 the layouts must agree
+    # through the feedback pass.
+    (logits, grads, buffers), (cl_logits, cl_grads, cl_buffers) = _nchw_and_channels_last_passes(mode, 2, torch.float64)
+    torch.testing.assert_close(cl_logits, logits, rtol=1e-10, atol=1e-12)
+    assert (cl_grads - grads).norm() <= 1e-10 * grads.norm()
+    for a, b in zip(cl_buffers, buffers):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_channels_last_in_3d_and_off_unless_asked():
+    x = torch.randn(1, 1, 32, 32, 16)
+    nchw = tiny_net(spatial_dims=3, out_channels=2).eval()
+    cl = tiny_net(spatial_dims=3, out_channels=2, channels_last=True).eval()
+    cl.load_state_dict(nchw.state_dict())
+    conv_weights = [m.weight for m in cl.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in conv_weights)
+    with torch.inference_mode():
+        torch.testing.assert_close(cl(x), nchw(x), rtol=1e-4, atol=1e-5)
+    # the class holds no machine policy: channels-last only when a config asks for it
+    assert not tiny_net().channels_last and not nchw.channels_last
+    with pytest.raises(ValueError, match="spatial_dims 2 or 3"):
+        tiny_net(spatial_dims=1, channels_last=True)

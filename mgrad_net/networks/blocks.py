@@ -1,13 +1,13 @@
 """Building blocks of MGRAD-UNet (Yan, Yang & Chen, Sci. Rep. 14:20274, 2024).
 
 One module per concept of the paper's Method section: the residual encoder stage, the receptive
-field block (RFB, Fig. 8, eq. 8) and the differential process (DP, eq. 1).
+field block (RFB, Fig. 8, eq. 8) and the differential process (DP, eq. 1), with the two
+operations every decoder step is written in: Up2 and the absolute difference.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -15,40 +15,22 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.utils import get_act_layer
 
-from mgrad_net.networks.lazy import lazy_act_of_sum, lazy_active, lazy_cat, lazy_conv, lazy_norm_act, lazy_op, lazy_sum, sum_terms
-
-__all__ = ["ConvNormAct", "conv_norm_act", "upsample2", "add", "abs_diff", "inplace_act", "ResidualStage", "RFB", "DifferentialProcess"]
-
-_INTERP_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
-# activations whose torch modules take ``inplace``
-_INPLACE_ACTS = {"relu", "leakyrelu", "relu6", "elu", "selu", "celu", "hardtanh"}
+__all__ = ["conv_norm_act", "interp_mode", "upsample2", "ResidualStage", "RFB", "DifferentialProcess"]
 
 
-def inplace_act(act: tuple | str | None) -> tuple | str | None:
-    """``act`` with ``inplace=True`` where its module supports it and the caller did not say otherwise.
-
-    Every activation in MGRAD-UNet follows a normalisation or a sum whose result nothing else
-    reads, so overwriting it saves one activation-sized buffer per layer, in training (autograd
-    keeps one tensor instead of two) and in inference.
-    """
-    if act is None:
-        return None
-    name, args = (act, {}) if isinstance(act, str) else (act[0], dict(act[1]) if len(act) > 1 else {})
-    if str(name).lower() not in _INPLACE_ACTS:
-        return act
-    return (name, {"inplace": True, **args})
+def interp_mode(x: torch.Tensor) -> str:
+    """The linear interpolation of ``x``'s dimensionality: linear, bilinear or trilinear."""
+    dims = x.dim() - 2
+    if dims == 1:
+        return "linear"
+    if dims == 2:
+        return "bilinear"
+    return "trilinear"
 
 
-class ConvNormAct(Convolution):
-    """MONAI's :class:`~monai.networks.blocks.Convolution` with a norm (same modules, same
-    state-dict keys) whose norm → activation saves only the convolution's output under
-    :func:`~mgrad_net.networks.lazy.lazy_recompute`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            if lazy_active():
-                return lazy_norm_act(self.adn, self.conv(x))
-        return self.adn(self.conv(x))
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    """Up2 of eq. 1: linear interpolation by 2 with ``align_corners=False``, as the published decoders do."""
+    return F.interpolate(x, scale_factor=2.0, mode=interp_mode(x), align_corners=False)
 
 
 def conv_norm_act(
@@ -60,9 +42,9 @@ def conv_norm_act(
     act: tuple | str | None = "relu",
     dilation: int = 1,
     bias: bool = False,
-) -> ConvNormAct:
+) -> Convolution:
     """conv → norm → act, the unit every block of the paper is made of (bias-free: a norm follows)."""
-    return ConvNormAct(
+    return Convolution(
         spatial_dims,
         in_channels,
         out_channels,
@@ -72,41 +54,6 @@ def conv_norm_act(
         dilation=dilation,
         bias=bias,
     )
-
-
-# The element-wise functions between convolutions hand themselves to lazy_op under
-# lazy_recompute (which evaluates them with the switch off), so each block has one code path.
-
-
-def upsample2(x: torch.Tensor, mode: str) -> torch.Tensor:
-    """Up2 of eq. 1: linear interpolation by 2 with ``align_corners=False``, as the published decoders do."""
-    if not torch.jit.is_scripting():
-        if lazy_active():
-            return lazy_op(functools.partial(upsample2, mode=mode), x, linear=True)
-    return F.interpolate(x, scale_factor=2.0, mode=mode, align_corners=False)
-
-
-# The element-wise functions below overwrite their own temporaries wherever autograd does not need
-# them (always when nothing records the operations: inference, lazy recomputation's forward pass
-# and rebuilds): a fresh activation-sized tensor costs more than the arithmetic that fills it
-# (``lazy.add_into``). The same operations in the same order, so the results are bit-identical.
-
-
-def add(terms: List[torch.Tensor]) -> torch.Tensor:
-    """``terms[0] + terms[1] + …``, summed left to right."""
-    if not torch.jit.is_scripting():
-        if lazy_active():
-            return lazy_sum(*terms)
-    return sum_terms(terms)
-
-
-def abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``|a − b|``, the differential process's difference."""
-    if not torch.jit.is_scripting():
-        if lazy_active():
-            return lazy_op(abs_diff, a, b)
-    d = a - b
-    return d.abs() if torch.is_grad_enabled() else d.abs_()  # |·|'s backward needs a − b
 
 
 class ResidualStage(nn.Module):
@@ -134,9 +81,6 @@ class ResidualStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv2(self.conv1(x))
-        if not torch.jit.is_scripting():
-            if lazy_active():
-                return lazy_act_of_sum(self.act, h, self.residual(h))
         return self.act(h + self.residual(h))
 
 
@@ -188,21 +132,8 @@ class RFB(nn.Module):
         self.act = get_act_layer(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            if lazy_active():
-                branches = [self._lazy_branch(branch, x) for branch in self.branches]
-                return lazy_act_of_sum(self.act, self.fuse(lazy_cat(*branches)), self.shortcut(x))
         branches = [branch(x) for branch in self.branches]
         return self.act(self.fuse(torch.cat(branches, dim=1)) + self.shortcut(x))
-
-    @torch.jit.unused
-    def _lazy_branch(self, branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        # Inside a branch only the last, dilated convolution's output is kept: the 1×1 and 1×k
-        # convolutions before it are recomputed in backward (about 10 % of the network's
-        # convolution FLOPs at full resolution) instead of holding nine full-resolution tensors.
-        for unit in branch[:-1]:
-            x = lazy_norm_act(unit.adn, lazy_conv(unit.conv, x))
-        return branch[-1](x)
 
 
 class DifferentialProcess(nn.Module):
@@ -221,10 +152,9 @@ class DifferentialProcess(nn.Module):
     def __init__(self, spatial_dims: int, channels: int, norm: tuple | str = "batch", act: tuple | str = "relu"):
         super().__init__()
         self.conv = conv_norm_act(spatial_dims, channels, channels, 3, norm, act)
-        self.mode = _INTERP_MODES[spatial_dims]
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, a_up: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``a_up``, if given, is ``Up2(a)`` already computed elsewhere (the decoders share them)."""
         if a_up is None:
-            a_up = upsample2(a, self.mode)
-        return self.conv(abs_diff(a_up, b))
+            a_up = upsample2(a)
+        return self.conv(torch.abs(a_up - b))

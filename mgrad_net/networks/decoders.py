@@ -11,7 +11,6 @@ decoders need them, so the network computes them once (a decoder called alone co
 
 from __future__ import annotations
 
-import functools
 from typing import List, Optional
 
 import torch
@@ -19,45 +18,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 
-from mgrad_net.networks.blocks import _INTERP_MODES, DifferentialProcess, add, conv_norm_act, upsample2
-from mgrad_net.networks.lazy import add_into, lazy_active, lazy_op
+from mgrad_net.networks.blocks import DifferentialProcess, conv_norm_act, interp_mode, upsample2
 
 __all__ = ["upsample_levels", "DifferentialPyramid", "MSDDecoder", "GRADDecoder", "SideOutputs"]
 
 
-def upsample_levels(x: List[torch.Tensor], mode: str) -> List[torch.Tensor]:
+def upsample_levels(x: List[torch.Tensor]) -> List[torch.Tensor]:
     """Up2(x_2), …, Up2(x_5): each deeper feature at the resolution of the level above it."""
-    return [upsample2(x[i], mode) for i in range(1, len(x))]
+    return [upsample2(x[i]) for i in range(1, len(x))]
 
 
 def positive_attention(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """x + x·σ(m): decoder 2's deepest level, gated by decoder 1."""
-    if not torch.jit.is_scripting():
-        if lazy_active():
-            return lazy_op(positive_attention, x, m)
-    if torch.is_grad_enabled() or x.dtype != m.dtype:
-        # σ's backward needs σ, the product's needs x and σ: only the product can take the sum
-        return add_into(x * torch.sigmoid(m), x)
-    return torch.sigmoid(m).mul_(x).add_(x)
+    return x + x * torch.sigmoid(m)
 
 
 def reverse_attention(up: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """|Up2(deeper) + RA| with RA = (1 − σ(m))·x (eq. 4; a sum, as the published model has it)."""
-    if not torch.jit.is_scripting():
-        if lazy_active():
-            return lazy_op(reverse_attention, up, x, m)
-    if torch.is_grad_enabled() or not x.dtype == m.dtype == up.dtype:
-        # σ's backward needs σ, the product's (1 − σ) and x, |·|'s its input
-        return add_into(x * (1 - torch.sigmoid(m)), up).abs()
-    return torch.sigmoid(m).neg_().add_(1).mul_(x).add_(up).abs_()  # −σ + 1 rounds as 1 − σ does
-
-
-def up_add(deeper: torch.Tensor, level: torch.Tensor, mode: str) -> torch.Tensor:
-    """Up2(deeper) + level, a decoder's top-down step."""
-    if not torch.jit.is_scripting():
-        if lazy_active():
-            return lazy_op(functools.partial(up_add, mode=mode), deeper, level, linear=True)
-    return add_into(F.interpolate(deeper, scale_factor=2.0, mode=mode, align_corners=False), level)
+    return torch.abs(up + x * (1 - torch.sigmoid(m)))
 
 
 class DifferentialPyramid(nn.Module):
@@ -80,7 +58,6 @@ class DifferentialPyramid(nn.Module):
 
     def __init__(self, spatial_dims: int, channels: int, out_channels: int, norm: tuple | str, act: tuple | str):
         super().__init__()
-        self.mode = _INTERP_MODES[spatial_dims]
 
         def dp() -> DifferentialProcess:
             return DifferentialProcess(spatial_dims, channels, norm, act)
@@ -109,16 +86,16 @@ class DifferentialPyramid(nn.Module):
         d5432, d4321 = self.dp5432(d543, d432), self.dp4321(d432, d321)
         d54321 = self.dp54321(d5432, d4321)
 
-        l3 = self.level3(add([d43, d543]))
-        l2 = self.level2(add([d32, d432, d5432]))
-        l1 = self.level1(add([d21, d321, d4321, d54321]))
+        l3 = self.level3(d43 + d543)
+        l2 = self.level2(d32 + d432 + d5432)
+        l1 = self.level1(d21 + d321 + d4321 + d54321)
 
         if top_up is None:
-            top_up = upsample2(top, self.mode)
-        o4 = self.up4(add([top_up, d54]))
-        o3 = self.up3(up_add(o4, l3, self.mode))
-        o2 = self.up2(up_add(o3, l2, self.mode))
-        o1 = self.up1(up_add(o2, l1, self.mode))
+            top_up = upsample2(top)
+        o4 = self.up4(top_up + d54)
+        o3 = self.up3(upsample2(o4) + l3)
+        o2 = self.up2(upsample2(o3) + l2)
+        o1 = self.up1(upsample2(o2) + l1)
         return self.head(o1), [o1, o2, o3, o4, top]
 
 
@@ -144,13 +121,12 @@ class MSDDecoder(nn.Module):
         self.dp32 = DifferentialProcess(spatial_dims, channels, norm, act)
         self.dp21 = DifferentialProcess(spatial_dims, channels, norm, act)
         self.pyramid = DifferentialPyramid(spatial_dims, channels, out_channels, norm, act)
-        self.mode = _INTERP_MODES[spatial_dims]
 
     def forward(
         self, x: List[torch.Tensor], up: Optional[List[torch.Tensor]] = None
     ) -> tuple[torch.Tensor, List[torch.Tensor]]:
         if up is None:
-            up = upsample_levels(x, self.mode)
+            up = upsample_levels(x)
         x1, x2, x3, x4, x5 = x[0], x[1], x[2], x[3], x[4]
         return self.pyramid(
             self.dp54(x5, x4, up[3]),
@@ -184,7 +160,6 @@ class GRADDecoder(nn.Module):
 
     def __init__(self, spatial_dims: int, channels: int, out_channels: int, norm: tuple | str, act: tuple | str):
         super().__init__()
-        self.mode = _INTERP_MODES[spatial_dims]
 
         def conv() -> Convolution:
             return conv_norm_act(spatial_dims, channels, channels, 3, norm, act)
@@ -197,10 +172,10 @@ class GRADDecoder(nn.Module):
         self, x: List[torch.Tensor], m: List[torch.Tensor], up: Optional[List[torch.Tensor]] = None
     ) -> tuple[torch.Tensor, List[torch.Tensor]]:
         if up is None:
-            up = upsample_levels(x, self.mode)
+            up = upsample_levels(x)
         x1, x2, x3, x4, x5 = x[0], x[1], x[2], x[3], x[4]
         x5s = self.attend5(positive_attention(x5, m[4]))
-        x5s_up = upsample2(x5s, self.mode)
+        x5s_up = upsample2(x5s)
         g54 = self.ra54(reverse_attention(x5s_up, x4, m[3]))
         g43 = self.ra43(reverse_attention(up[2], x3, m[2]))
         g32 = self.ra32(reverse_attention(up[1], x2, m[1]))
@@ -224,7 +199,6 @@ class SideOutputs(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, levels: int = 5):
         super().__init__()
-        self.mode = _INTERP_MODES[spatial_dims]
         self.convs = nn.ModuleList(
             [
                 Convolution(spatial_dims, in_channels, out_channels, kernel_size=1, conv_only=True, bias=True)
@@ -237,6 +211,6 @@ class SideOutputs(nn.Module):
         for i, conv in enumerate(self.convs):
             s = conv(m[i])
             for _ in range(i):
-                s = F.interpolate(s, scale_factor=2.0, mode=self.mode, align_corners=True)
+                s = F.interpolate(s, scale_factor=2.0, mode=interp_mode(s), align_corners=True)
             out.append(s)
         return out
