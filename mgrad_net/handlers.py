@@ -4,25 +4,60 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
+from monai.handlers import CheckpointSaver
 from monai.utils import string_list_all_gather
 
 from mgrad_net.inference import optimize_for_inference
 from mgrad_net.io import atomic_path, atomic_write_json, atomic_write_text
 
-__all__ = ["SegmentationReport", "OptimizeForInference", "StopOnNonFiniteLoss", "TrainingLog", "read_training_log", "BestMetricRecord"]
+__all__ = [
+    "SegmentationReport",
+    "OptimizeForInference",
+    "StopOnNonFiniteLoss",
+    "TrainingLog",
+    "read_training_log",
+    "BestMetricRecord",
+]
 
 
 def _finite_mean(values: Sequence[float]) -> float | None:
+    """The mean of the finite values; ``None`` if there are none."""
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else None
+
+
+def _is_main_process() -> bool:
+    """Whether this process writes a run's shared files: the only process, or rank 0 of a distributed run."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _case_files(batch: dict | list, image_key: str) -> list[str]:
+    """The source file of each case of an engine's batch, ``"?"`` for a case whose image has no
+    ``filename_or_obj`` metadata.
+
+    MONAI's trainers keep the batch collated (one dict, its image B×C×…) and its evaluators
+    decollate it (a list of per-case dicts), so both forms are read.
+    """
+    decollated = isinstance(batch, list)
+    files: list[str] = []
+    for item in batch if decollated else [batch]:
+        image = item.get(image_key) if isinstance(item, dict) else None
+        names = (getattr(image, "meta", None) or {}).get("filename_or_obj")
+        if names is None:
+            cases = 1 if decollated or image is None or not hasattr(image, "shape") else int(image.shape[0])
+            names = ["?"] * cases
+        files.extend([names] if isinstance(names, str) else [str(n) for n in names])
+    return files
 
 
 class SegmentationReport:
@@ -38,7 +73,8 @@ class SegmentationReport:
 
     A distance is undefined (MONAI gives NaN, or inf) where the prediction or the ground truth
     lacks a class; means are taken over the finite values, and ``nonfinite`` counts the others
-    per metric, so a missed structure is never silently averaged away.
+    per metric, so a missed structure is never silently averaged away. In a distributed run the
+    case names are gathered from every rank and rank 0 writes.
 
     Args:
         output_dir: folder of the two files.
@@ -65,20 +101,12 @@ class SegmentationReport:
         self._cases = []
 
     def _collect_names(self, engine: Engine) -> None:
-        # MONAI engines decollate the batch into a list of per-case dicts; an undecollated one is a dict
-        batch = engine.state.batch
-        items = batch if isinstance(batch, list) else [batch]
-        for item in items:
-            meta = getattr(item.get(self.image_key), "meta", None) or {}
-            names = meta.get("filename_or_obj", "?")
-            names = [names] if isinstance(names, str) else list(names)
-            self._cases.extend(Path(str(n)).name for n in names)
+        self._cases.extend(Path(f).name for f in _case_files(engine.state.batch, self.image_key))
 
     def _write(self, engine: Engine) -> None:
-        cases = string_list_all_gather(self._cases)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_rank() != 0:
-                return
+        cases = string_list_all_gather(self._cases)  # every rank takes part in the gather
+        if not _is_main_process():
+            return
         details = {}
         for name, key in self.metrics.items():
             if key not in engine.state.metric_details:
@@ -188,13 +216,10 @@ class StopOnNonFiniteLoss:
                 state[name] = {**state[name], **self._buffers[name]}
         with atomic_path(self.save_dir / "last_good.pt") as tmp:
             torch.save(state, tmp)
-        batch = engine.state.batch
-        meta = getattr(batch.get(self.image_key), "meta", None) if isinstance(batch, dict) else None
-        files = (meta or {}).get("filename_or_obj", [])
-        files = [files] if isinstance(files, str) else [str(f) for f in files]
+        files = _case_files(engine.state.batch, self.image_key)
         raise FloatingPointError(
             f"non-finite loss ({float(loss.float().mean())}) at iteration {engine.state.iteration}, "
-            f"feedback pass {self._pass}, epoch {engine.state.epoch}; batch files: {', '.join(files) or 'unknown'}. "
+            f"feedback pass {self._pass}, epoch {engine.state.epoch}; batch files: {', '.join(files)}. "
             f"Training stopped before this step; the last good state is in {self.save_dir / 'last_good.pt'}."
         )
 
@@ -216,9 +241,12 @@ class TrainingLog:
     Dice (mean and per class) of the validation that ran at the end of that epoch.
 
     Attach it to the trainer *after* the ``ValidationHandler`` (handlers of one event run in the
-    order attached), so the row sees that epoch's validation. The file is rewritten atomically
-    each epoch; rows of epochs at or after the current one are dropped first, so a run resumed
-    from an earlier checkpoint continues the log instead of duplicating epochs.
+    order attached), so the row sees that epoch's validation; an epoch without one (a validation
+    interval over 1) leaves the validation columns empty. A class's Dice is its mean over the
+    cases where it is defined (MONAI gives NaN where the ground truth lacks the class). The file
+    is rewritten atomically each epoch; rows of epochs at or after the current one are dropped
+    first, so a run resumed from an earlier checkpoint continues the log instead of duplicating
+    epochs. In a distributed run only rank 0 writes.
 
     Args:
         path: the CSV file.
@@ -263,10 +291,13 @@ class TrainingLog:
         if loss is not None:
             self._losses.append(float(torch.as_tensor(loss).detach().float().mean()))
 
-    def _validation(self) -> dict[str, float | str]:
+    def _validation(self, epoch: int) -> dict[str, float | str]:
+        """The validation columns of ``epoch``'s row; empty if no validation ran at its end."""
         row: dict[str, float | str] = {"val_mean_dice": "", "best_val_mean_dice": ""}
         state = getattr(self.validator, "state", None)
-        if state is None or self.metric_name not in state.metrics:
+        # a validator keeps its last metrics between runs; MONAI's Evaluator.run(epoch) ends at
+        # state.epoch == epoch, so an older epoch there means this epoch was not validated
+        if state is None or state.epoch != epoch or self.metric_name not in state.metrics:
             return row
         row["val_mean_dice"] = float(state.metrics[self.metric_name])
         if getattr(state, "best_metric", -1) != -1:
@@ -275,21 +306,20 @@ class TrainingLog:
         if details is not None and self.class_names:
             values = torch.as_tensor(details).float().reshape(-1, len(self.class_names))
             for name, column in zip(self.class_names, values.T):
-                finite = column[torch.isfinite(column)]
-                row[f"val_dice_{name}"] = float(finite.mean()) if finite.numel() else float("nan")
+                mean = _finite_mean(column.tolist())  # a class absent from a case's ground truth: NaN there
+                row[f"val_dice_{name}"] = mean if mean is not None else float("nan")
         return row
 
     def _write(self, engine: Engine) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_rank() != 0:
-                return
+        if not _is_main_process():
+            return
         row = {
             "epoch": engine.state.epoch,
             "iterations": engine.state.iteration,
             "loss": sum(self._losses) / len(self._losses) if self._losses else float("nan"),
             "lr": self._lr,
             "seconds": round(time.perf_counter() - self._started, 3),
-            **self._validation(),
+            **self._validation(engine.state.epoch),
         }
         rows = [r for r in read_training_log(self.path) if int(r["epoch"]) < engine.state.epoch]
         fields = list(TRAINING_LOG_FIELDS) + [f"val_dice_{n}" for n in self.class_names]
@@ -306,7 +336,9 @@ class BestMetricRecord:
     Put it in the resumable checkpoint's ``save_dict``: it saves the evaluator's ``best_metric``
     and ``best_metric_epoch``, and on loading restores them and tells the key-metric
     ``CheckpointSaver`` which score its ``model.pt`` holds, so a resumed run neither forgets its
-    best epoch nor replaces the best weights with a worse first validation.
+    best epoch nor replaces the best weights with a worse first validation. The record is that
+    file's: if the file is gone when the run resumes, nothing is restored (with a warning), and
+    the next validation writes it.
 
     Args:
         evaluator: the engine that validates and keeps ``state.best_metric``.
@@ -314,7 +346,7 @@ class BestMetricRecord:
         filename: the saver's ``key_metric_filename``.
     """
 
-    def __init__(self, evaluator: Engine, saver, filename: str = "model.pt") -> None:
+    def __init__(self, evaluator: Engine, saver: CheckpointSaver, filename: str = "model.pt") -> None:
         self.evaluator = evaluator
         self.saver = saver
         self.filename = filename
@@ -326,8 +358,16 @@ class BestMetricRecord:
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.evaluator.state.best_metric = float(state_dict["best_metric"])
-        self.evaluator.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
-        if self.evaluator.state.best_metric_epoch != -1:
-            # the format of ignite's Checkpoint.state_dict(): its list of (score, file) pairs
-            self.saver.load_state_dict({"_saved": [(self.evaluator.state.best_metric, self.filename)]})
+        best, epoch = float(state_dict["best_metric"]), int(state_dict["best_metric_epoch"])
+        if epoch == -1:
+            return  # saved before any validation: nothing to restore
+        weights = Path(self.saver.save_dir) / self.filename
+        if not weights.is_file():
+            # the saver would delete the file before writing a better one, and fail
+            logging.getLogger("mgrad_net").warning(
+                "%s (validation %.4f, epoch %d) is gone: the best-metric record starts afresh", weights, best, epoch
+            )
+            return
+        self.evaluator.state.best_metric, self.evaluator.state.best_metric_epoch = best, epoch
+        # the format of ignite's Checkpoint.state_dict(): its list of (score, file) pairs
+        self.saver.load_state_dict({"_saved": [(best, self.filename)]})

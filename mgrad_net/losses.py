@@ -71,13 +71,21 @@ class SegmentationLoss(DiceCELoss):
             lambda_dice=lambda_dice,
             lambda_ce=lambda_ce,
         )
+        # the arguments, as given (DiceCELoss keeps lambda_dice and lambda_ce itself)
+        self.include_background = include_background
+        self.squared_pred = squared_pred
         self.batch = batch
-        self.config = dict(
-            lambda_dice=lambda_dice,
-            lambda_ce=lambda_ce,
-            include_background=include_background,
-            squared_pred=squared_pred,
-            smooth=smooth,
+        self.smooth = smooth
+
+    def per_sample(self) -> SegmentationLoss:
+        """This loss with its Dice term taken per sample (``batch=False``), all else the same."""
+        return SegmentationLoss(
+            lambda_dice=self.lambda_dice,
+            lambda_ce=self.lambda_ce,
+            include_background=self.include_background,
+            squared_pred=self.squared_pred,
+            batch=False,
+            smooth=self.smooth,
         )
 
     @staticmethod
@@ -114,7 +122,7 @@ class AggregatedLoss(nn.Module):
     hold :attr:`call_elements` values together: all 31 for small inputs (the chunked sum rounds
     differently, gradients within ~1e-6 relative, which two DDP ranks compared with one process
     in ``tests/test_distributed.py`` would notice), 4 at batch 8, 224², 9 classes, where 31 at
-    once raised a training step's peak memory from 6.4 GB to 8.3 GB (``scripts/benchmark.md``).
+    once raise a training step's peak memory (measured in ``scripts/benchmark.md``).
 
     Args:
         seg_loss: the loss applied to every subset sum; a :class:`SegmentationLoss` by default.
@@ -133,7 +141,7 @@ class AggregatedLoss(nn.Module):
             raise ValueError(f"subsets_per_call must be at least 1, got {subsets_per_call}.")
         self.seg_loss = seg_loss if seg_loss is not None else SegmentationLoss()
         # scores the folded subsets: one "sample" per subset (batch pooling, if any, is in the fold)
-        self.per_subset = SegmentationLoss(batch=False, **self.seg_loss.config)
+        self.per_subset = self.seg_loss.per_sample()
         self.recompute = recompute
         self.subsets_per_call = subsets_per_call
 
