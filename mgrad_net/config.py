@@ -1,26 +1,105 @@
-"""Helpers the bundle's configs call on values a user may override from the command line."""
+"""What the bundle's configs call: command-line switches as booleans, and the training run.
+
+``python -m monai.bundle run … --amp false`` hands the config the text ``'false'``: fire turns only
+``True``/``False`` into bools, and a non-empty string is true in Python. The configs turn their
+switches into bools where they use them, with MONAI's ``monai.utils.str2bool``; a component whose
+boolean arguments may be overridden on the command line (``--network_def#use_rfb false``) is built
+through :func:`parse_switches`. Engines and networks are given bools only.
+
+:func:`run_training` is the ``run`` of ``train.json`` (and so of ``multi_gpu_train.json``, merged
+after it): the checkpoint handling that needs the trainer to exist, then the training itself.
+"""
 
 from __future__ import annotations
 
-__all__ = ["flag"]
+import functools
+import inspect
+from typing import Any, Callable, TypeVar
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off", "none", ""}
+from ignite.engine import Engine
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.utils import str2bool
+
+from mgrad_net.io import latest_checkpoint
+
+__all__ = ["parse_switches", "run_training"]
+
+T = TypeVar("T")
 
 
-def flag(value: object, name: str = "flag") -> bool:
-    """``value`` as a bool, whether the config holds it as one or the command line handed it over
-    as text.
+def _as_bool(value: object, name: str) -> bool:
+    """``value`` as a bool: a bool as it is; text (or the integers fire makes of ``1`` and ``0``)
+    through ``monai.utils.str2bool`` (true/false, yes/no, t/f, y/n, 1/0, any case).
 
-    ``python -m monai.bundle run … --amp false`` passes the string ``'false'`` (fire turns only
-    ``False`` into a bool), and a non-empty string is true in Python: without this, ``--amp false``
-    would switch autocast on. Text other than true/false/1/0/yes/no/on/off raises, naming ``name``.
+    Raises:
+        ValueError: naming ``name``, for anything else (a misspelt ``--amp ture`` must not pass).
     """
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        raise ValueError(f"{name} must be true or false, got {value!r}.")
-    return bool(value)
+    if isinstance(value, bool):
+        return value
+    try:
+        return str2bool(str(value))
+    except ValueError:
+        raise ValueError(f"{name} must be true or false, got {value!r}.") from None
+
+
+def parse_switches(component: Callable[..., T]) -> Callable[..., T]:
+    """``component``, taking its boolean parameters as the command line writes them.
+
+    For a config's ``_target_`` (MONAI calls a callable target with the component's arguments):
+    ``"$mgrad_net.config.parse_switches(mgrad_net.networks.MGRADUNet)"``. Every keyword argument
+    for a parameter whose default is a bool goes through ``monai.utils.str2bool`` before
+    ``component`` is called, so ``--network_def#channels_last false`` turns the option off
+    instead of on; other text raises, naming the parameter.
+    """
+    switches = {name for name, p in inspect.signature(component).parameters.items() if isinstance(p.default, bool)}
+
+    @functools.wraps(component, updated=())
+    def build(*args: Any, **kwargs: Any) -> T:
+        for name in switches & kwargs.keys():
+            kwargs[name] = _as_bool(kwargs[name], name)
+        return component(*args, **kwargs)
+
+    return build
+
+
+def run_training(
+    trainer: Engine,
+    saver: CheckpointSaver | None = None,
+    finetune: bool = False,
+    resume: bool = False,
+    weights: str | None = None,
+) -> None:
+    """Attach the run's checkpoint handling to ``trainer``, then run it.
+
+    Args:
+        trainer: the training engine (its ``network`` and ``state.device`` are used for loading).
+        saver: the ``CheckpointSaver`` of the resumable state. It saves the trainer itself, so it
+            is attached here rather than among the trainer's handlers. Under DDP every process
+            attaches it and Ignite writes on rank 0 only.
+        finetune: start from the model weights in ``weights`` (ignored when resuming).
+        resume: continue from the newest ``checkpoint_epoch=N.pt`` in ``saver.save_dir``,
+            restoring every object of ``saver.save_dict``: epoch count, optimizer, LR schedule,
+            best-metric record.
+        weights: the state dict ``finetune`` starts from.
+
+    Raises:
+        TypeError: ``finetune`` or ``resume`` is not a bool (text such as ``'false'`` is truthy;
+            the config turns command-line text into bools with ``monai.utils.str2bool``).
+        ValueError: ``resume`` without a ``saver``, or ``finetune`` without ``weights``.
+    """
+    for name, value in (("finetune", finetune), ("resume", resume)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}; convert command-line text in the config.")
+    if saver is not None:
+        saver.attach(trainer)
+    device = trainer.state.device
+    if resume:
+        if saver is None:
+            raise ValueError("resume needs the checkpoint saver whose files it continues from.")
+        latest = latest_checkpoint(saver.save_dir)
+        CheckpointLoader(load_path=latest, load_dict=saver.save_dict, map_location=device).attach(trainer)
+    elif finetune:
+        if not weights:
+            raise ValueError("finetune needs the path of the weights to start from.")
+        CheckpointLoader(load_path=weights, load_dict={"model": trainer.network}, map_location=device).attach(trainer)
+    trainer.run()

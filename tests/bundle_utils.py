@@ -27,14 +27,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def config_files(*names: str) -> list[str]:
+    """The config files of a command, as the model card lists them: ``("train", "evaluate")``
+    stands for ``['configs/train.json', 'configs/evaluate.json']``."""
+    return [str(CONFIGS / f"{n}.json") for n in names]
+
+
 def configs(*names: str) -> str:
-    return json.dumps([str(CONFIGS / f"{n}.json") for n in names])
+    """:func:`config_files` as the JSON list ``--config_file`` takes."""
+    return json.dumps(config_files(*names))
 
 
 def bundle_command(runner: str | None, config_names: list[str], bundle_root: Path, *overrides: str, tiny: bool = True) -> list[str]:
     """``python -m monai.bundle run [runner] --config_file [...] --bundle_root … <overrides>``.
 
-    ``tiny`` adds :data:`TINY_OVERRIDES` before ``overrides``.
+    ``config_names`` as :func:`config_files` takes them; ``tiny`` adds :data:`TINY_OVERRIDES`
+    before ``overrides``.
     """
     cmd = [sys.executable, "-m", "monai.bundle", "run"]
     if runner:

@@ -1,4 +1,9 @@
-"""The bundle's configs and metadata by the rules the MONAI model zoo checks."""
+"""The bundle's configs: the rules the MONAI model zoo checks, and how they are laid out.
+
+``inference.json`` and ``train.json`` each run alone and define the model (network, classes, slice
+size, preprocessing, inferer, prediction, weight loading) identically; ``evaluate.json`` and
+``multi_gpu_train.json`` merge after ``train.json``, the overrides last.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,26 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata
 
-from tests.bundle_utils import CONFIGS, REPO, free_port
-
+from tests.bundle_utils import CONFIGS, REPO, config_files, free_port
 
 SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+# what the model is: defined in inference.json and, identically, in train.json (overrides such as
+# synapse.json replace some)
+SHARED = {"class_names", "num_classes", "roi_size", "network_def", "intensity_transform", "preprocessing",
+          "inferer", "prediction", "handlers"}  # fmt: skip
+
+
+def _parser(*names: str, **overrides: object) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(config_files(*names))
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def _ids(name: str) -> set[str]:
+    """The top-level ids a config file sets (``a#b`` sets ``a``); ``+``-keys extend, they do not set."""
+    return {k.split("#")[0] for k in json.loads((CONFIGS / f"{name}.json").read_text()) if not k.startswith("+")}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.json")))
@@ -31,21 +52,26 @@ def test_metadata_passes_the_model_zoo_schema():
     assert meta["version"] in meta["changelog"]
     fmt = meta["network_data_format"]
     assert set(fmt["inputs"]) == {"image"} and set(fmt["outputs"]) == {"pred"}
-    train = json.loads((CONFIGS / "train.json").read_text())
-    assert list(fmt["outputs"]["pred"]["channel_def"].values()) == train["class_names"]
+    model = json.loads((CONFIGS / "inference.json").read_text())
+    assert list(fmt["outputs"]["pred"]["channel_def"].values()) == model["class_names"]
 
 
 _CHECK = """
 import sys
+import torch
 from monai.bundle import ConfigWorkflow
 files, workflow_type, root = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
+# a nested override, as the command line gives it, before anything is parsed
 workflow = ConfigWorkflow(config_file=files, meta_file=sys.argv[4], logging_file=sys.argv[5],
-                          workflow_type=workflow_type, bundle_root=root)
+                          workflow_type=workflow_type, bundle_root=root,
+                          **{"network_def#features": [4, 8, 16, 32, 64], "network_def#decoder_channels": 8})
 workflow.initialize()
 try:
     missing = workflow.check_properties()
     assert missing in (None, []), missing
     assert workflow.bundle_root == root
+    net = workflow.parser.get_parsed_content("network_def")
+    assert next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).out_channels == 4
 finally:
     workflow.finalize()
 print("properties ok")
@@ -57,25 +83,26 @@ print("properties ok")
     [(["train"], "train"), (["train", "multi_gpu_train"], "train"), (["inference"], "infer")],
 )
 def test_config_workflow_properties(files, workflow_type, tmp_path):
-    # in a subprocess: multi_gpu_train's initialize starts a (one-process, gloo) group as torchrun
-    # would, and a destroyed group would leave Ignite's distributed state behind in this process
+    # in a subprocess, started outside the bundle: multi_gpu_train's initialize starts a
+    # (one-process, gloo) group as torchrun would, and a destroyed group would leave Ignite's
+    # distributed state behind in this process
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     paths = ",".join(str(CONFIGS / f"{f}.json") for f in files)
     proc = subprocess.run(
         [sys.executable, "-c", _CHECK, paths, workflow_type, str(tmp_path),
          str(CONFIGS / "metadata.json"), str(CONFIGS / "logging.conf")],
-        capture_output=True, text=True, env=env,
+        capture_output=True, text=True, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "properties ok" in proc.stdout
 
 
 # what a base config name on a command line stands for: evaluate.json merges after train.json
-_BASES = {"train": ["train"], "evaluate": ["train", "evaluate"], "inference": ["inference"]}
+_BASES = {"inference": ["inference"], "train": ["train"], "evaluate": ["train", "evaluate"]}
 
 
 def _merges() -> list[tuple[str, str]]:
-    """(override, base) for every "merge after a.json, b.json or c.json" an override's _desc_ promises."""
+    """(config, base) for every "merge after a.json, b.json or c.json" a config's _desc_ promises."""
     pairs = []
     for path in sorted(CONFIGS.glob("*.json")):
         desc = json.loads(path.read_text()).get("_desc_", "") if path.name != "metadata.json" else ""
@@ -86,9 +113,9 @@ def _merges() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("override, base", _merges())
-def test_every_override_merges_after_the_configs_it_names(override, base):
-    # a "#" key whose parent the base lacks fails at read_config: full_size.json's
-    # lr_scheduler#power did after inference.json
+def test_every_config_merges_after_the_configs_it_names(override, base):
+    # a "#" key whose parent the base lacks fails at read_config (full_size.json's
+    # lr_scheduler#power after inference.json alone)
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / f"{f}.json") for f in _BASES[base] + [override]])
     net = parser.get_parsed_content("network_def", instantiate=True)
@@ -99,16 +126,16 @@ def test_every_override_merges_after_the_configs_it_names(override, base):
             assert parser.get_parsed_content("lr_scheduler").power == 0.0
 
 
-def test_merges_cover_every_override():
+def test_merges_cover_every_config_but_the_two_entry_configs():
     named = {o for o, _ in _merges()}
-    assert {p.stem for p in CONFIGS.glob("*.json")} - {"train", "inference", "metadata"} <= named
+    assert {p.stem for p in CONFIGS.glob("*.json")} - {"inference", "train", "metadata"} <= named
 
 
 def test_runner_names_alias_run():
     for files, alias in ((["train"], "training"), (["train", "evaluate"], "evaluating"), (["inference"], "inference")):
         merged = {}
-        for f in files:
-            merged.update(json.loads((CONFIGS / f"{f}.json").read_text()))
+        for f in config_files(*files):
+            merged.update(json.loads(open(f).read()))
         assert merged[alias] == "@run"
 
 
@@ -124,42 +151,136 @@ def test_verify_bundle_script_passes_every_check():
     assert "7 of 7 checks passed" in proc.stdout
 
 
+# ---------------------------------------------------------------- one place for the model
+
+
+@pytest.mark.parametrize("name", ["evaluate", "multi_gpu_train"])
+def test_no_workflow_merged_after_train_redefines_the_model(name):
+    assert not _ids(name) & SHARED, f"{name}.json redefines what inference.json and train.json define"
+
+
+def test_train_json_defines_the_model_exactly_as_inference_json():
+    # MONAI bundle configs cannot include one another, so both entry configs, which each run
+    # alone, hold the model; every id the two define must be the same, to the letter
+    inference = json.loads((CONFIGS / "inference.json").read_text())
+    train = json.loads((CONFIGS / "train.json").read_text())
+    common = set(inference) & set(train) - {"_desc_", "imports", "initialize", "run"}
+    assert SHARED <= common
+    assert {k: train[k] for k in common} == {k: inference[k] for k in common}
+    assert set(inference["imports"]) <= set(train["imports"])
+
+
+def test_training_and_validation_prepare_images_with_the_inference_transforms():
+    parser = _parser("train")
+    shared = list(parser.get_parsed_content("preprocessing").transforms)
+    for workflow in ("train#preprocessing", "validate#preprocessing"):
+        steps = list(parser.get_parsed_content(workflow).transforms)
+        assert steps[: len(shared)] == shared and all(a is b for a, b in zip(steps, shared)), workflow
+    assert parser.get_parsed_content("validate#inferer") is parser.get_parsed_content("inferer")
+    prediction = parser.get_parsed_content("prediction")
+    assert parser.get_parsed_content("validate#postprocessing").transforms[0] is prediction
+
+
+def test_evaluation_attaches_the_inference_loading_handlers_then_its_reports():
+    parser = _parser("train", "evaluate")
+    handlers = [type(h).__name__ for h in parser.get_parsed_content("validate#evaluator#val_handlers")]
+    loading = ["CheckpointLoader", "OptimizeForInference", "StatsHandler"]  # inference.json's handlers
+    assert handlers == loading + ["SegmentationReport", "OverlayPictures"]
+
+
+# ---------------------------------------------------------------- handlers chosen by id
+
+
+def _handler_types(tmp_path, is_not_rank0: bool) -> tuple[list[str], list[str]]:
+    parser = _parser(
+        "train", is_not_rank0=is_not_rank0, output_dir=str(tmp_path), ckpt_dir=str(tmp_path),
+        **{"train#dataset#data": [], "validate#dataset#data": []},
+    )  # fmt: skip
+    # MONAI Label puts its own loader first: a position counted from either end would shift
+    loader = {"_target_": "CheckpointLoader", "load_path": "x.pt", "load_dict": {"model": "@network"}}
+    parser["train#handlers"].insert(0, loader)
+    train = [type(h).__name__ for h in parser.get_parsed_content("train#trainer#train_handlers")]
+    validate = [type(h).__name__ for h in parser.get_parsed_content("validate#evaluator#val_handlers")]
+    return train, validate
+
+
+def test_rank0_only_handlers_are_chosen_by_their_own_flag_not_by_position(tmp_path):
+    train, validate = _handler_types(tmp_path, is_not_rank0=True)
+    assert train == ["CheckpointLoader", "StopOnNonFiniteLoss", "LrScheduleHandler", "ValidationHandler", "TrainingLog"]
+    assert validate == ["CheckpointSaver"]  # Ignite writes its files on rank 0 only
+    train, validate = _handler_types(tmp_path, is_not_rank0=False)
+    assert train[-3:] == ["StatsHandler", "TensorBoardStatsHandler", "ProgressBar"] and len(train) == 8
+    assert validate == ["StatsHandler", "TensorBoardStatsHandler", "CheckpointSaver"]
+
+
+def test_multi_gpu_config_selects_no_handlers_and_spells_out_no_run():
+    multi = json.loads((CONFIGS / "multi_gpu_train.json").read_text())
+    assert not [k for k in multi if "handlers" in k] and "run" not in multi
+    assert multi["is_not_rank0"] == "$dist.get_rank() > 0"
+
+
+# ---------------------------------------------------------------- switches as the command line writes them
+
+
 @pytest.mark.parametrize(
     "given, expected",
-    [("false", False), ("False", False), ("0", False), ("true", True), ("TRUE", True), (False, False), (True, True)],
-)
+    [("false", False), ("False", False), ("0", False), ("no", False), (0, False), (False, False),
+     ("true", True), ("TRUE", True), ("1", True), (True, True)],
+)  # fmt: skip
 def test_switches_given_on_the_command_line_reach_the_engines_as_booleans(given, expected):
     # `--amp false` arrives as the text 'false', which Python counts as true
-    train = ConfigParser()
-    train.read_config([str(CONFIGS / "train.json")])
-    infer = ConfigParser()
-    infer.read_config([str(CONFIGS / "inference.json")])
+    train, infer = _parser("train"), _parser("inference")
     for parser in (train, infer):
         parser["amp"] = parser["compile"] = given
     for parser, engine in ((train, "train#trainer"), (train, "validate#evaluator"), (infer, "evaluator")):
         assert parser.get_parsed_content(f"{engine}#amp") is expected
         assert parser.get_parsed_content(f"{engine}#compile") is expected
-    if not expected:  # (resuming for real needs a checkpoint on disk: tests/test_reliability.py)
-        train["resume"] = given
-        assert train.get_parsed_content("train#resume_loader#load_path") == train.get_parsed_content("ckpt_path")
+    train["train#foreground_sampling"] = given
+    sampler = train.get_parsed_content("train#random_transforms#0")
+    assert type(sampler).__name__ == ("RandCropByPosNegLabeld" if expected else "RandSpatialCropSamplesd")
+
+
+@pytest.mark.parametrize("given, expected", [("false", False), ("true", True)])
+def test_sync_batchnorm_given_as_text(given, expected):
+    parser = _parser("train", "multi_gpu_train", sync_batchnorm=given, device="$torch.device('cpu')")
+    module = parser.get_parsed_content("network#module")  # the network DDP wraps
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules()) is expected
 
 
 def test_a_misspelt_switch_is_an_error_that_names_it():
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "train.json")])
-    parser["amp"] = "ture"
-    with pytest.raises(RuntimeError) as raised:
+    parser = _parser("train", amp="ture")
+    with pytest.raises(RuntimeError, match=r"str2bool\(str\(.*'amp'") as raised:  # MONAI shows the expression
         parser.get_parsed_content("train#trainer#amp")
-    assert "amp must be true or false, got 'ture'" in str(raised.value.__cause__)
+    assert 'Got "ture", expected a value from: yes, true' in str(raised.value.__cause__)
+    parser = _parser("inference", **{"network_def#use_rfb": "ture"})
+    with pytest.raises(RuntimeError) as raised:
+        parser.get_parsed_content("network_def")
+    assert "use_rfb must be true or false, got 'ture'" in str(raised.value.__cause__)
 
 
-def test_network_switches_given_as_text_build_the_network_asked_for():
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "train.json")])
-    parser["network_def#use_rfb"] = "false"
-    parser["network_def#side_outputs"] = "False"
-    parser["network_def#channels_last"] = "false"
-    net = parser.get_parsed_content("network_def", instantiate=True)
+@pytest.mark.parametrize("given", ["false", "False", "0"])
+def test_network_switches_given_as_text_build_the_network_asked_for(given):
+    parser = _parser("inference")
+    for switch in ("use_rfb", "side_outputs", "channels_last"):
+        parser[f"network_def#{switch}"] = given
+    net = parser.get_parsed_content("network_def")
     assert not any(type(m).__name__ == "RFB" for m in net.modules())
     assert len(net.side.convs) == 0
-    assert not net.channels_last
+    assert net.channels_last is False
+    parser = _parser("inference", **{"network_def#channels_last": "true"})
+    assert parser.get_parsed_content("network_def").channels_last is True
+
+
+# ---------------------------------------------------------------- machine policy, chosen in the config
+
+
+def test_channels_last_is_on_where_the_config_says_it_measured_faster():
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and not torch.cuda.is_available()
+    assert _parser("inference").get_parsed_content("network_def").channels_last is avx512
+
+
+def test_micro_batching_is_the_inferers_and_checkpointing_the_networks(tmp_path):
+    parser = _parser("train", **{"inferer#sw_batch_size": 2, "network_def#checkpointing": "full"})
+    inferer = parser.get_parsed_content("validate#inferer")
+    assert type(inferer).__name__ == "SliceInferer" and inferer.sw_batch_size == 2
+    assert parser.get_parsed_content("network_def").checkpointing == "full"

@@ -26,8 +26,7 @@ RECORD = {
     "train#seen": "$[]",
     "run": [
         "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED, lambda e: @train#seen.extend(str(i['image'].meta['filename_or_obj']) for i in e.state.batch))",
-        "$@train#checkpoint_saver.attach(@train#trainer) if dist.get_rank() == 0 else None",
-        "$@train#trainer.run()",
+        "$mgrad_net.config.run_training(@train#trainer, @train#checkpoint_saver)",
     ],
     "finalize": [
         "$torch.save({'params': @network.module.state_dict(), 'seen': @train#seen}, @output_dir + '/rank' + str(dist.get_rank()) + '.pt')",
