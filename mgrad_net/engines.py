@@ -129,4 +129,3 @@ class FeedbackTrainer(SupervisedTrainer):
         step = iteration_update if iteration_update is not None else FeedbackStep(feedback_passes)
         super().__init__(*args, iteration_update=step, **kwargs)
         self.step = step
-        self.feedback_passes = getattr(step, "passes", 1)
