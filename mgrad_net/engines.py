@@ -4,15 +4,20 @@ MONAI's ``SupervisedTrainer`` takes an ``iteration_update(engine, batchdata)`` t
 default iteration; a step here is such a callable. :class:`FeedbackStep` is MGRAD-UNet's T-pass
 gate-control feedback step (eq. 7). :class:`FeedbackTrainer` is ``SupervisedTrainer`` with that
 step, the bundle's trainer. Networks whose method trains differently (a diffusion loss, an
-adversarial step) bring a step of their own and the same trainer runs it.
+adversarial step) bring a step of their own and the same trainer runs it. :class:`TrainingBudget`
+ends a training after a given number of minutes, the comparison protocol's budget;
+:func:`native_mixed_precision` says where autocast is fast hardware rather than emulation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from typing import Any
 
 import torch
+from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
@@ -20,7 +25,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from mgrad_net.networks.mgrad_unet import MGRADOutput
 
-__all__ = ["FeedbackStep", "FeedbackTrainer", "autocast", "logits_of"]
+__all__ = ["FeedbackStep", "FeedbackTrainer", "TrainingBudget", "autocast", "logits_of", "native_mixed_precision"]
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -36,6 +41,15 @@ def autocast(engine: SupervisedTrainer, device: torch.device) -> contextlib.Abst
     if device.type == "cuda":
         return torch.autocast("cuda", **engine.amp_kwargs)
     return torch.autocast(device.type, **{"dtype": torch.bfloat16, **engine.amp_kwargs})
+
+
+def native_mixed_precision(device: torch.device | str) -> bool:
+    """Whether autocast runs on hardware made for it: any CUDA device (float16 tensor cores), or a
+    CPU with AVX512-BF16 or AMX. Elsewhere (AVX2, plain AVX-512) oneDNN emulates bf16, slower
+    than float32, so the configs' ``amp`` default stays off there."""
+    if torch.device(device).type == "cuda":
+        return True
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def prepare_batch(engine: SupervisedTrainer, batchdata: dict) -> tuple:
@@ -129,3 +143,48 @@ class FeedbackTrainer(SupervisedTrainer):
         step = iteration_update if iteration_update is not None else FeedbackStep(feedback_passes)
         super().__init__(*args, iteration_update=step, **kwargs)
         self.step = step
+
+
+class TrainingBudget:
+    """Stop a training after ``minutes`` of training time, validation excluded (the comparison
+    protocol's budget, ``../shared/PROTOCOL.md``).
+
+    After the first epoch the epochs that fit in the budget are estimated from that epoch's time;
+    the trainer's ``max_epochs`` is lowered to that number (never raised) and so is the
+    ``total_iters`` of ``lr_scheduler`` when it has one (a polynomial decay then ends with the
+    budget, as a schedule chosen for it would). Should later epochs run slower, the training
+    stops at the end of the first epoch that ends past the budget: epochs are never cut, so the
+    last one is validated and checkpointed like any other.
+
+    Args:
+        minutes: the budget; 0 or less for none (the handler then does nothing).
+        lr_scheduler: an epoch-level scheduler whose ``total_iters`` follows the estimate.
+    """
+
+    def __init__(self, minutes: float, lr_scheduler: Any = None) -> None:
+        self.seconds = float(minutes) * 60
+        self.lr_scheduler = lr_scheduler
+        self.spent = 0.0
+        self.epochs = 0
+
+    def attach(self, engine: Engine) -> None:
+        if self.seconds > 0:
+            # attach it before LrScheduleHandler: the estimate then lands before the scheduler steps
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        # ignite's time of the epoch's iterations, set before EPOCH_COMPLETED's handlers run
+        self.spent += engine.state.times[Events.EPOCH_COMPLETED.name]
+        self.epochs += 1
+        log = logging.getLogger("mgrad_net")
+        if self.epochs == 1:
+            fit = max(engine.state.epoch, engine.state.epoch - 1 + math.floor(self.seconds / max(self.spent, 1e-9)))
+            if fit < engine.state.max_epochs:
+                log.info("training budget %.1f min: %d epochs fit (the first took %.1f s); max_epochs %d -> %d",
+                         self.seconds / 60, fit, self.spent, engine.state.max_epochs, fit)  # fmt: skip
+                engine.state.max_epochs = fit
+                if hasattr(self.lr_scheduler, "total_iters"):
+                    self.lr_scheduler.total_iters = fit
+        if self.spent >= self.seconds and engine.state.epoch < engine.state.max_epochs:
+            log.info("training budget %.1f min spent after epoch %d: stopping", self.seconds / 60, engine.state.epoch)
+            engine.terminate()

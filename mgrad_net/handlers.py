@@ -224,7 +224,7 @@ class StopOnNonFiniteLoss:
         )
 
 
-TRAINING_LOG_FIELDS = ("epoch", "iterations", "loss", "lr", "seconds", "val_mean_dice", "best_val_mean_dice")
+TRAINING_LOG_FIELDS = ("epoch", "iterations", "loss", "lr", "seconds", "train_seconds", "val_mean_dice", "best_val_mean_dice")
 
 
 def read_training_log(path: str | Path) -> list[dict[str, str]]:
@@ -238,7 +238,8 @@ def read_training_log(path: str | Path) -> list[dict[str, str]]:
 
 class TrainingLog:
     """One CSV row per training epoch: mean loss, learning rate, wall time, and the validation
-    Dice (mean and per class) of the validation that ran at the end of that epoch.
+    Dice (mean and per class) of the validation that ran at the end of that epoch. ``seconds``
+    is the epoch's wall time with its validation, ``train_seconds`` without it.
 
     Attach it to the trainer *after* the ``ValidationHandler`` (handlers of one event run in the
     order attached), so the row sees that epoch's validation; an epoch without one (a validation
@@ -319,6 +320,8 @@ class TrainingLog:
             "loss": sum(self._losses) / len(self._losses) if self._losses else float("nan"),
             "lr": self._lr,
             "seconds": round(time.perf_counter() - self._started, 3),
+            # ignite's time of the epoch's iterations alone: the comparison protocol's training time
+            "train_seconds": round(engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0, 3),
             **self._validation(engine.state.epoch),
         }
         rows = [r for r in read_training_log(self.path) if int(r["epoch"]) < engine.state.epoch]

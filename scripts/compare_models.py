@@ -61,10 +61,13 @@ def training_minutes(logs: list[Path]) -> tuple[float | None, int | None]:
                 rows += list(csv.DictReader(f))
     if not rows:
         return None, None
-    return sum(float(r["seconds"]) for r in rows) / 60, len(rows)
+    # train_seconds: validation excluded (the protocol's training time); older logs have only seconds
+    return sum(float(r.get("train_seconds") or r["seconds"]) for r in rows) / 60, len(rows)
 
 
-def evaluate(overrides: list[str], dataset_dir: str, output_dir: Path, section: str) -> dict:
+def evaluate(overrides: list[str], dataset_dir: str, output_dir: Path, section: str, extra: list[str] = ()) -> dict:
+    """The bundle's ``evaluate`` with the override configs ``overrides`` (and command-line
+    overrides ``extra``) on ``section``, in a subprocess; returns its ``summary.json``."""
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "evaluating",
         "--config_file", json.dumps(_configs(overrides)),
@@ -74,6 +77,7 @@ def evaluate(overrides: list[str], dataset_dir: str, output_dir: Path, section: 
         "--dataset_dir", dataset_dir,
         "--eval_section", section,
         "--output_dir", str(output_dir),
+        *extra,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

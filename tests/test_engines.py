@@ -178,3 +178,52 @@ def test_tiny_network_learns_synthetic_disks_with_feedback_training():
 def test_compile_switch_trains_the_compiled_network():
     """About 6 minutes on 2 CPU cores (inductor compiles forward and backward, with and without feedback)."""
     _assert_two_passes_train(compile=True)
+
+
+
+def _budgeted_run(budget_in_first_epochs, slow_down=False, epochs=10):
+    """A real trainer under a ``TrainingBudget`` and a polynomial LR schedule, as train.json wires
+    them. The budget is ``budget_in_first_epochs`` times the first epoch's measured time (set as
+    that epoch ends, before the budget reads it: the test holds on a loaded machine); with
+    ``slow_down`` the first iteration of every later epoch sleeps a whole budget."""
+    import time
+
+    from monai.handlers import LrScheduleHandler
+
+    from mgrad_net.engines import TrainingBudget
+
+    net = tiny_net(out_channels=2)
+    trainer = _trainer(net, passes=1, epochs=epochs, loader=_loader(count=6, batch_size=2))
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(trainer.optimizer, total_iters=epochs, power=0.9)
+    budget = TrainingBudget(1.0 if budget_in_first_epochs else 0, lr_scheduler=scheduler)
+
+    @trainer.on(Events.EPOCH_COMPLETED(once=1))
+    def _set_budget(engine):
+        budget.seconds = budget_in_first_epochs * engine.state.times["EPOCH_COMPLETED"]
+
+    budget.attach(trainer)
+    LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
+    if slow_down:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: e.state.epoch > 1 and e.state.iteration % e.state.epoch_length == 1 and time.sleep(budget.seconds))
+    trainer.run()
+    return trainer, scheduler
+
+
+def test_training_budget_cuts_max_epochs_and_the_schedule_to_the_epochs_that_fit():
+    trainer, scheduler = _budgeted_run(2.9)
+    assert trainer.state.max_epochs == 2 == trainer.state.epoch
+    assert scheduler.total_iters == 2
+    # the schedule ends with the budget: after the last epoch's step the rate is 0 (poly decay)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_training_budget_stops_after_the_epoch_that_spends_it_when_epochs_slow_down():
+    trainer, _ = _budgeted_run(3.5, slow_down=True)
+    assert trainer.state.max_epochs == 3
+    assert trainer.state.epoch == 2
+
+
+def test_no_training_budget_leaves_the_schedule_alone():
+    trainer, scheduler = _budgeted_run(0, epochs=3)
+    assert trainer.state.epoch == trainer.state.max_epochs == 3
+    assert scheduler.total_iters == 3

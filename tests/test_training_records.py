@@ -5,6 +5,8 @@ The validation networks here are fixed functions of the image, so every Dice is 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from ignite.engine import Events
@@ -105,6 +107,7 @@ def _validation_items() -> list[dict]:
 def test_rows_per_epoch_with_lr_loss_and_validation_of_that_epoch(tmp_path):
     log_path = tmp_path / "eval" / "training_log.csv"
     validator = _evaluator(_Copy(), _validation_items(), classes=3)
+    validator.add_event_handler(Events.COMPLETED, lambda _: time.sleep(0.5))  # a validation that takes time
     net = torch.nn.Conv2d(1, 3, 1)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     losses: dict[int, list[float]] = {}
@@ -136,10 +139,11 @@ def test_rows_per_epoch_with_lr_loss_and_validation_of_that_epoch(tmp_path):
     for r in rows:
         epoch_losses = losses[int(r["epoch"])]
         assert float(r["loss"]) == pytest.approx(sum(epoch_losses) / len(epoch_losses), rel=1e-12)
-        assert float(r["seconds"]) > 0
+        assert 0 < float(r["train_seconds"]) <= float(r["seconds"])
     for r in (rows[0], rows[2]):  # not validated: empty, not the previous validation's numbers
         assert [r[k] for k in ("val_mean_dice", "best_val_mean_dice", "val_dice_a", "val_dice_b")] == [""] * 4
     for r in (rows[1], rows[3]):
+        assert float(r["seconds"]) - float(r["train_seconds"]) >= 0.5  # validation: in seconds, not in train_seconds
         # case 1: class a 1.0, class b 0.0 (missed); case 2: a 1.0, b undefined (absent from the ground truth);
         # MONAI's mean: over each case's defined classes, then over the cases
         assert float(r["val_mean_dice"]) == pytest.approx((0.5 + 1.0) / 2)
