@@ -8,6 +8,9 @@ from typing import Any
 # name → submodule; imported on first use, so `mgrad_net.data.convert` does not load MONAI
 _EXPORTS = {
     "check_no_overwrite": "datalist",
+    "SliceAxisLast": "orientation",
+    "SliceAxisLastd": "orientation",
+    "slice_axis": "orientation",
     "load_datalist": "datalist",
     "pair_folder": "datalist",
     "PHANTOM_CLASSES": "phantoms",
