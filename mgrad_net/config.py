@@ -8,21 +8,26 @@ through :func:`parse_switches`. Engines and networks are given bools only.
 
 :func:`run_training` is the ``run`` of ``train.json`` (and so of ``multi_gpu_train.json``, merged
 after it): the checkpoint handling that needs the trainer to exist, then the training itself.
+What can be checked before that is checked in the config's ``initialize``, before anything is
+cached, trained or written: :func:`check_training_cases` and :func:`start_checkpoint`.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, TypeVar
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
 
+import torch
 from ignite.engine import Engine
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import str2bool
 
-from mgrad_net.io import latest_checkpoint
+from mgrad_net.checkpoints import check_weights, resume_checkpoint
 
-__all__ = ["parse_switches", "run_training"]
+__all__ = ["parse_switches", "check_training_cases", "start_checkpoint", "run_training"]
 
 T = TypeVar("T")
 
@@ -62,12 +67,54 @@ def parse_switches(component: Callable[..., T]) -> Callable[..., T]:
     return build
 
 
+def check_training_cases(items: Sequence[dict], dataset_dir: str | os.PathLike, datalist: str | os.PathLike) -> int:
+    """The number of training cases; an error naming the datalist when there are none (MONAI's
+    shuffling sampler would stop on ``num_samples=0`` instead).
+
+    Raises:
+        DataValidationError: ``no training cases in <datalist>``.
+    """
+    from mgrad_net.data.validation import DataValidationError
+
+    if not items:
+        where = datalist if Path(datalist).expanduser().is_file() else f"{dataset_dir} (its training/ folder or the folder itself)"
+        raise DataValidationError(f"no training cases in {where}: its 'training' section is empty; nothing was trained or written.")
+    return len(items)
+
+
+def start_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    network: torch.nn.Module,
+    finetune: bool = False,
+    resume: bool = False,
+    weights: str | None = None,
+    configs_dir: str | os.PathLike | None = None,
+) -> str | None:
+    """The file a training run starts from, loaded and matched against ``network`` up front:
+    with ``resume`` the newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` that loads
+    (:func:`mgrad_net.checkpoints.resume_checkpoint`), with ``finetune`` the ``weights``
+    (:func:`mgrad_net.checkpoints.check_weights`), else ``None``: from scratch.
+
+    Raises:
+        CheckpointError: in one line, naming the file: missing, empty, truncated, or of another
+            architecture (with the override that loads it); or no checkpoint to resume from.
+    """
+    if resume:
+        return resume_checkpoint(ckpt_dir, network, configs_dir)
+    if finetune:
+        if not weights:
+            raise ValueError("finetune needs the path of the weights to start from.")
+        return check_weights(weights, network, configs_dir)
+    return None
+
+
 def run_training(
     trainer: Engine,
     saver: CheckpointSaver | None = None,
     finetune: bool = False,
     resume: bool = False,
     weights: str | None = None,
+    start_from: str | None = None,
 ) -> None:
     """Attach the run's checkpoint handling to ``trainer``, then run it.
 
@@ -77,29 +124,32 @@ def run_training(
             is attached here rather than among the trainer's handlers. Under DDP every process
             attaches it and Ignite writes on rank 0 only.
         finetune: start from the model weights in ``weights`` (ignored when resuming).
-        resume: continue from the newest ``checkpoint_epoch=N.pt`` in ``saver.save_dir``,
-            restoring every object of ``saver.save_dict``: epoch count, optimizer, LR schedule,
-            best-metric record.
+        resume: continue from the newest ``checkpoint_epoch=N.pt`` in ``saver.save_dir`` that
+            loads, restoring every object of ``saver.save_dict``: epoch count, optimizer, LR
+            schedule, best-metric record.
         weights: the state dict ``finetune`` starts from.
+        start_from: the file :func:`start_checkpoint` chose and checked in the config's
+            ``initialize``; chosen here when not given.
 
     Raises:
         TypeError: ``finetune`` or ``resume`` is not a bool (text such as ``'false'`` is truthy;
             the config turns command-line text into bools with ``monai.utils.str2bool``).
         ValueError: ``resume`` without a ``saver``, or ``finetune`` without ``weights``.
+        CheckpointError: the file to start from is missing, broken or of another architecture.
     """
     for name, value in (("finetune", finetune), ("resume", resume)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {value!r}; convert command-line text in the config.")
+    if resume and saver is None:
+        raise ValueError("resume needs the checkpoint saver whose files it continues from.")
+    if start_from is None and (resume or finetune):
+        ckpt_dir = saver.save_dir if saver is not None else "."
+        start_from = start_checkpoint(ckpt_dir, trainer.network, finetune=finetune, resume=resume, weights=weights)
     if saver is not None:
         saver.attach(trainer)
     device = trainer.state.device
     if resume:
-        if saver is None:
-            raise ValueError("resume needs the checkpoint saver whose files it continues from.")
-        latest = latest_checkpoint(saver.save_dir)
-        CheckpointLoader(load_path=latest, load_dict=saver.save_dict, map_location=device).attach(trainer)
+        CheckpointLoader(load_path=start_from, load_dict=saver.save_dict, map_location=device).attach(trainer)
     elif finetune:
-        if not weights:
-            raise ValueError("finetune needs the path of the weights to start from.")
-        CheckpointLoader(load_path=weights, load_dict={"model": trainer.network}, map_location=device).attach(trainer)
+        CheckpointLoader(load_path=start_from, load_dict={"model": trainer.network}, map_location=device).attach(trainer)
     trainer.run()

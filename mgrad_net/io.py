@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -21,24 +22,46 @@ from typing import Any, Iterator
 import numpy as np
 from monai.data import NibabelWriter
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_save_nifti", "keep_previous", "latest_checkpoint", "AtomicNibabelWriter"]
+from mgrad_net.errors import NoCheckpointError
+
+__all__ = ["atomic_path", "is_atomic_leftover", "atomic_write_text", "atomic_write_json", "atomic_save_nifti", "keep_previous", "checkpoints_newest_first", "latest_checkpoint", "AtomicNibabelWriter"]
 
 
 @contextmanager
-def atomic_path(dst: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(dst: str | os.PathLike, suffix: str = "", fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``dst``, on failure it is removed.
 
     ``suffix`` keeps an extension that a writer reads its format from (``.nii.gz`` for nibabel).
+    ``fsync``: the new file's data reach the disk before the rename, and the rename before the
+    return, so that a power cut cannot leave an empty ``dst`` either (checkpoints ask for it;
+    a kill of the process alone never loses written data).
     """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.tmp{suffix}")
     try:
         yield tmp
+        if fsync:
+            _fsync(tmp)
         os.replace(tmp, dst)
+        if fsync:
+            _fsync(dst.parent)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_atomic_leftover(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is the temporary file of an :func:`atomic_path` that a killed process left."""
+    return re.fullmatch(r"\..+\.[0-9a-f]{12}\.tmp(\.nii(\.gz)?)?", Path(path).name) is not None
 
 
 def atomic_write_text(dst: str | os.PathLike, text: str) -> None:
@@ -76,24 +99,32 @@ def keep_previous(path: str | os.PathLike) -> Path | None:
     return kept
 
 
-def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> str:
-    """The path of the newest resumable checkpoint in ``ckpt_dir``: the ``<prefix>_epoch=N.pt``
-    (as ``CheckpointSaver`` names them) with the largest N.
-
-    Raises:
-        FileNotFoundError: naming the folder, when it holds no such file.
-    """
+def checkpoints_newest_first(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> list[Path]:
+    """The resumable checkpoints in ``ckpt_dir``, the ``<prefix>_epoch=N.pt`` files (as
+    ``CheckpointSaver`` names them), largest N first; empty if there are none."""
     found = []
     for path in Path(ckpt_dir).glob(f"{prefix}_epoch=*.pt"):
         number = path.stem.rsplit("=", 1)[-1]
         if number.isdigit():
             found.append((int(number), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> str:
+    """The path of the newest resumable checkpoint in ``ckpt_dir``: the ``<prefix>_epoch=N.pt``
+    with the largest N, whether or not it loads (``mgrad_net.checkpoints.resume_checkpoint``
+    picks the newest that does).
+
+    Raises:
+        FileNotFoundError: naming the folder, when it holds no such file.
+    """
+    found = checkpoints_newest_first(ckpt_dir, prefix)
     if not found:
-        raise FileNotFoundError(
+        raise NoCheckpointError(
             f"nothing to resume: {ckpt_dir} holds no {prefix}_epoch=<N>.pt (the checkpoint a training run "
             "saves after each epoch); start without --resume, or point --ckpt_dir at the run's folder."
         )
-    return str(max(found)[1])
+    return str(found[0])
 
 
 class AtomicNibabelWriter(NibabelWriter):

@@ -15,6 +15,7 @@ from pathlib import Path
 from monai.data import load_decathlon_datalist
 
 from mgrad_net.data.phantoms import write_phantom_dataset
+from mgrad_net.errors import DataNotFoundError, OverwriteRefusedError
 
 __all__ = ["load_datalist", "pair_folder", "check_no_overwrite", "LABEL_SUFFIXES"]
 
@@ -85,7 +86,7 @@ def load_datalist(
         if not listing.exists():
             write_phantom_dataset(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset_dir {str(root)!r} does not exist or is not a folder.")
+        raise DataNotFoundError(f"dataset_dir {str(root)!r} does not exist or is not a folder.")
     if listing.exists():
         try:
             return load_decathlon_datalist(str(listing), True, section, base_dir=str(root))
@@ -94,7 +95,7 @@ def load_datalist(
         except (ValueError, KeyError, TypeError, IndexError) as err:
             raise ValueError(f"datalist {str(listing)!r} has no usable {section!r} section: {err}") from err
     if datalist and root / "dataset.json" != listing:
-        raise FileNotFoundError(f"datalist {str(listing)!r} does not exist.")
+        raise DataNotFoundError(f"datalist {str(listing)!r} does not exist.")
     folder = root / section if (root / section).is_dir() else root
     items = pair_folder(folder, require_labels=section != "test")
     if not items:
@@ -117,7 +118,7 @@ def check_no_overwrite(items: list[dict], output_dir: str | os.PathLike, postfix
         if target in inputs:
             clashes.append(str(target))
     if clashes:
-        raise ValueError(
+        raise OverwriteRefusedError(
             f"inference would overwrite its own input(s) in {str(out)!r}: {'; '.join(clashes)}. "
             "Choose another output_dir or output_postfix."
         )

@@ -17,10 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
+from mgrad_net.errors import UserError
+
 __all__ = ["DataValidationError", "validate_datalist", "check_class_config"]
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError, ValueError):
     """A data set failed validation; the message has one line per problem, naming the file."""
 
 
