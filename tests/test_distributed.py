@@ -59,7 +59,7 @@ def test_torchrun_two_cpu_processes_train_the_bundle_in_lockstep(tmp_path):
     for name, p0 in ranks[0]["params"].items():
         torch.testing.assert_close(p0, ranks[1]["params"][name], rtol=0, atol=0, msg=name)
     # one checkpoint set, written by rank 0
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_epoch=1.pt", "model.pt"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".training.lock", "checkpoint_epoch=1.pt", "model.pt"]
     print("per-rank volumes:", [sorted(os.path.basename(s) for s in x) for x in seen])
 
 
