@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "NoCheckpointError",
     "CkptDirInUseError",
+    "NoSpaceLeftError",
     "find_user_error",
     "install_excepthook",
     "TRACEBACK_ENV",
@@ -58,6 +59,10 @@ class NoCheckpointError(CheckpointError, FileNotFoundError):
 
 class CkptDirInUseError(UserError, BlockingIOError):
     """Another live training run holds the ``ckpt_dir``'s lock."""
+
+
+class NoSpaceLeftError(UserError, OSError):
+    """The file system of an output folder is full (``ENOSPC``): the message names the folder."""
 
 
 def find_user_error(error: BaseException | None) -> UserError | None:

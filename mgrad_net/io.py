@@ -8,6 +8,7 @@ unreadable to the other users of a shared data folder.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 from monai.data import NibabelWriter
 
-from mgrad_net.errors import NoCheckpointError
+from mgrad_net.errors import NoCheckpointError, NoSpaceLeftError
 
 __all__ = ["atomic_path", "is_atomic_leftover", "atomic_write_text", "atomic_write_json", "atomic_save_nifti", "keep_previous", "checkpoints_newest_first", "latest_checkpoint", "AtomicNibabelWriter"]
 
@@ -130,11 +131,17 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
 class AtomicNibabelWriter(NibabelWriter):
     """MONAI's ``NibabelWriter`` writing through :func:`atomic_path`: a segmentation file is
     either complete or absent, never a truncated ``.nii.gz`` that a viewer half-reads after a
-    crash. Give it to ``SaveImage(d)`` as ``writer``.
+    crash. Give it to ``SaveImage(d)`` as ``writer``. A full file system raises
+    :class:`~mgrad_net.errors.NoSpaceLeftError` naming the folder (the temporary file removed).
     """
 
     def write(self, filename, verbose: bool = False, **obj_kwargs) -> None:
         name = str(filename)
         suffix = ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
-        with atomic_path(filename, suffix=suffix) as tmp:
-            super().write(tmp, verbose=verbose, **obj_kwargs)
+        try:
+            with atomic_path(filename, suffix=suffix) as tmp:
+                super().write(tmp, verbose=verbose, **obj_kwargs)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise NoSpaceLeftError(errno.ENOSPC, f"no space left on {Path(name).parent}: {name} was not written") from err

@@ -7,7 +7,12 @@ from typing import Any
 
 # name → submodule; imported on first use, so `mgrad_net.data.convert` does not load MONAI
 _EXPORTS = {
-    "check_no_overwrite": "datalist",
+    "check_no_overwrite": "outputs",
+    "datalist_root": "outputs",
+    "input_root": "outputs",
+    "prepare_outputs": "outputs",
+    "SaveSegmentationd": "outputs",
+    "SegmentationWriter": "outputs",
     "SliceAxisLast": "orientation",
     "SliceAxisLastd": "orientation",
     "slice_axis": "orientation",

@@ -15,9 +15,9 @@ from pathlib import Path
 from monai.data import load_decathlon_datalist
 
 from mgrad_net.data.phantoms import write_phantom_dataset
-from mgrad_net.errors import DataNotFoundError, OverwriteRefusedError
+from mgrad_net.errors import DataNotFoundError
 
-__all__ = ["load_datalist", "pair_folder", "check_no_overwrite", "LABEL_SUFFIXES"]
+__all__ = ["load_datalist", "pair_folder", "LABEL_SUFFIXES"]
 
 # how a label file is named beside its image: ACDC's "_gt", then common alternatives
 LABEL_SUFFIXES = ("_gt", "_seg", "_label")
@@ -35,22 +35,27 @@ def pair_folder(folder: str | Path, require_labels: bool = True) -> list[dict[st
     """Image/label pairs of a folder: ``X.nii.gz`` with ``X_gt.nii.gz`` (or ``_seg``, ``_label``).
 
     Raises ``FileNotFoundError`` naming every image without a label when ``require_labels``.
+    Every image is listed, ``X.nii`` beside ``X.nii.gz`` included (inference then refuses the two,
+    whose outputs would share a name, instead of one being silently left out).
     """
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.name.endswith(_NIFTI) and not p.name.startswith("."))
-    stems = {_stem(p): p for p in files}
+    stems: dict[str, list[Path]] = {}
+    for path in files:
+        stems.setdefault(_stem(path), []).append(path)
     pairs, unpaired = [], []
-    for stem, path in stems.items():
+    for stem, paths in stems.items():
         if stem.endswith(LABEL_SUFFIXES):
             continue
-        label = next((stems[stem + s] for s in LABEL_SUFFIXES if stem + s in stems), None)
-        if label is None:
-            if require_labels:
-                unpaired.append(str(path))
-            else:
-                pairs.append({"image": str(path)})
-            continue
-        pairs.append({"image": str(path), "label": str(label)})
+        label = next((stems[stem + s][0] for s in LABEL_SUFFIXES if stem + s in stems), None)
+        for path in paths:
+            if label is None:
+                if require_labels:
+                    unpaired.append(str(path))
+                else:
+                    pairs.append({"image": str(path)})
+                continue
+            pairs.append({"image": str(path), "label": str(label)})
     if unpaired:
         raise FileNotFoundError(
             f"no label file ({', '.join('<name>' + s + '.nii.gz' for s in LABEL_SUFFIXES)}) for: " + "; ".join(unpaired)
@@ -101,24 +106,3 @@ def load_datalist(
     if not items:
         raise FileNotFoundError(f"no NIfTI images in {str(folder)!r} and no datalist {str(listing)!r}.")
     return items
-
-
-def check_no_overwrite(items: list[dict], output_dir: str | os.PathLike, postfix: str, key: str = "image") -> None:
-    """Refuse an inference run whose ``<name>_<postfix>.nii.gz`` outputs would replace one of its inputs.
-
-    Raises:
-        ValueError: naming every input that the run would overwrite.
-    """
-    out = Path(output_dir).expanduser().resolve()
-    inputs = {Path(item[key]).expanduser().resolve() for item in items}
-    clashes = []
-    for path in sorted(inputs):
-        stem = _stem(path)
-        target = out / (f"{stem}_{postfix}.nii.gz" if postfix else f"{stem}.nii.gz")
-        if target in inputs:
-            clashes.append(str(target))
-    if clashes:
-        raise OverwriteRefusedError(
-            f"inference would overwrite its own input(s) in {str(out)!r}: {'; '.join(clashes)}. "
-            "Choose another output_dir or output_postfix."
-        )

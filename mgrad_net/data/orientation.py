@@ -77,7 +77,7 @@ class SliceAxisLast(InvertibleTransform):
         """``img``: channel first, ``(C, *spatial)``; a ``MetaTensor`` carries its affine (else identity)."""
         spatial_shape = tuple(img.shape[1:])
         if not spatial_shape:
-            raise ValueError(f"SliceAxisLast needs a channel-first volume with spatial axes, got shape {tuple(img.shape)}.")
+            raise ValueError(f"SliceAxisLast needs a channel-first volume, got shape {tuple(img.shape)}.")
         if isinstance(img, MetaTensor):
             affine = convert_data_type(img.peek_pending_affine(), np.ndarray)[0]
         else:

@@ -4,16 +4,22 @@ Every image (and label) of a datalist is opened and checked, all problems are co
 one error lists them, one line per file with the reason, so a bad case stops the run at once
 rather than an hour into training, and nothing is written before the data is known to be good.
 
-Accepted volumes: 3D arrays (H×W×Z, slices along the last axis), or 4D with a single channel
-in the last axis. A 2D image is rejected: the bundle's pipelines slice 3D volumes. Any in-plane
-size is accepted, since every slice is resized to the configured ``roi_size``.
+Accepted volumes: 3D arrays (H×W×Z; ``mgrad_net.data.orientation`` picks the slicing axis), or
+4D with a single channel in the last axis. A 2D image is rejected: the bundle's pipelines slice
+3D volumes. Any in-plane size is accepted, since every slice is resized to the configured
+``roi_size``.
+
+Not an error, a warning naming the file: an image whose intensities look like CT Hounsfield
+units (air at about -1000) given to the MRI preset, which scales each volume by its own
+percentiles and would segment it as if it were a heart. The user may know better.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -62,8 +68,37 @@ def _as_volume(loaded, path: str, what: str, problems: list[str]) -> np.ndarray 
     return data
 
 
+# voxels at or below this value (HU: lung, air at -1000) do not occur in MR magnitude images
+HU_AIR = -500.0
+HU_FRACTION = 0.01
+
+
+def hounsfield_reason(image: np.ndarray) -> str | None:
+    """Why ``image`` looks like CT in Hounsfield units (at least 1 % of voxels at or below -500), or ``None``."""
+    if image.size == 0 or not np.issubdtype(image.dtype, np.number):
+        return None
+    low = float(np.mean(image <= HU_AIR))
+    if low < HU_FRACTION:
+        return None
+    return (
+        f"{low:.0%} of its voxels are at or below {HU_AIR:g} (range {float(np.nanmin(image)):g} to "
+        f"{float(np.nanmax(image)):g}), as air and lung are in CT Hounsfield units; MR intensities are not negative"
+    )
+
+
+def _expects_mri(intensity_transform: Any) -> bool:
+    """The MRI preset scales each volume by its own percentiles; the CT preset (synapse.json) windows HU."""
+    from monai.transforms import ScaleIntensityRangePercentiles, ScaleIntensityRangePercentilesd
+
+    return isinstance(intensity_transform, (ScaleIntensityRangePercentilesd, ScaleIntensityRangePercentiles))
+
+
 def validate_datalist(
-    items: Sequence[dict], num_classes: int, require_labels: bool = True, affine_atol: float = 1e-3
+    items: Sequence[dict],
+    num_classes: int,
+    require_labels: bool = True,
+    affine_atol: float = 1e-3,
+    intensity_transform: Any = None,
 ) -> int:
     """Check every item; raise :class:`DataValidationError` listing all problems, or return the count.
 
@@ -72,8 +107,11 @@ def validate_datalist(
         num_classes: classes including background; label values must lie in ``0..num_classes-1``.
         require_labels: every item must have a label (training, evaluation); ``False`` for inference.
         affine_atol: largest difference allowed between the image's and the label's affines.
+        intensity_transform: the preset's intensity transform; with the MRI preset's percentile
+            scaling, an image that looks like CT in Hounsfield units is named in a warning.
     """
     problems: list[str] = []
+    mri = _expects_mri(intensity_transform)
     for item in items:
         image_path = str(item.get("image", ""))
         if not image_path:
@@ -84,6 +122,13 @@ def validate_datalist(
         if image is not None and np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
             bad = int((~np.isfinite(image)).sum())
             problems.append(f"{image_path}: image has {bad} NaN or infinite voxel(s)")
+        reason = hounsfield_reason(image) if mri and image is not None else None
+        if reason:
+            logging.getLogger("mgrad_net").warning(
+                "%s looks like a CT volume in Hounsfield units, but the preset is for MRI: %s. It is segmented "
+                "anyway; for CT, merge configs/synapse.json (its CT window) and use weights trained on CT.",
+                image_path, reason,
+            )  # fmt: skip
         label_path = item.get("label")
         if label_path is None:
             if require_labels:
