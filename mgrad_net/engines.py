@@ -6,7 +6,8 @@ gate-control feedback step (eq. 7). :class:`FeedbackTrainer` is ``SupervisedTrai
 step, the bundle's trainer. Networks whose method trains differently (a diffusion loss, an
 adversarial step) bring a step of their own and the same trainer runs it. :class:`TrainingBudget`
 ends a training after a given number of minutes, the comparison protocol's budget;
-:func:`native_mixed_precision` says where autocast is fast hardware rather than emulation.
+:func:`native_mixed_precision` says where autocast is fast hardware rather than emulation, and
+:class:`EvaluatorAutocast` gives MONAI's evaluators (which autocast on CUDA only) bf16 on a CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from mgrad_net.networks.mgrad_unet import MGRADOutput
 
-__all__ = ["FeedbackStep", "FeedbackTrainer", "TrainingBudget", "autocast", "logits_of", "native_mixed_precision"]
+__all__ = ["EvaluatorAutocast", "FeedbackStep", "FeedbackTrainer", "TrainingBudget", "autocast", "logits_of", "native_mixed_precision"]
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -188,3 +189,41 @@ class TrainingBudget:
         if self.spent >= self.seconds and engine.state.epoch < engine.state.max_epochs:
             log.info("training budget %.1f min spent after epoch %d: stopping", self.seconds / 60, engine.state.epoch)
             engine.terminate()
+
+
+class EvaluatorAutocast:
+    """bf16 autocast of a MONAI evaluator's forward on a CPU, where ``amp`` alone does nothing
+    (MONAI's evaluators enter ``torch.autocast("cuda")`` only).
+
+    Autocast is entered as each iteration starts and left once the forward completed; the
+    prediction is cast back to float32 there, so postprocessing (inversion, argmax, metrics)
+    runs as without it. Nothing happens on CUDA, where the evaluator's own ``amp`` applies, or
+    when ``enabled`` is false.
+
+    Args:
+        device: the evaluator's device.
+        enabled: the config's ``amp``.
+    """
+
+    def __init__(self, device: torch.device | str, enabled: bool) -> None:
+        self.device = torch.device(device)
+        self.enabled = bool(enabled) and self.device.type == "cpu"
+        self._context: contextlib.AbstractContextManager | None = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.ITERATION_STARTED, self._enter)
+            engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self._exit)
+
+    def _enter(self, engine: Engine) -> None:
+        self._exit(engine)  # an iteration that raised before its forward completed left it entered
+        self._context = torch.autocast("cpu", dtype=torch.bfloat16)
+        self._context.__enter__()
+
+    def _exit(self, engine: Engine, *_: Any) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = None
+        output = engine.state.output
+        if isinstance(output, dict) and isinstance(output.get(Keys.PRED), torch.Tensor):
+            output[Keys.PRED] = output[Keys.PRED].float()

@@ -184,7 +184,7 @@ def test_training_and_validation_prepare_images_with_the_inference_transforms():
 def test_evaluation_attaches_the_inference_loading_handlers_then_its_reports():
     parser = _parser("train", "evaluate")
     handlers = [type(h).__name__ for h in parser.get_parsed_content("validate#evaluator#val_handlers")]
-    loading = ["CheckpointLoader", "OptimizeForInference", "StatsHandler"]  # inference.json's handlers
+    loading = ["CheckpointLoader", "EvaluatorAutocast", "OptimizeForInference", "StatsHandler"]  # inference.json's handlers
     assert handlers == loading + ["SegmentationReport", "OverlayPictures"]
 
 
@@ -206,10 +206,10 @@ def _handler_types(tmp_path, is_not_rank0: bool) -> tuple[list[str], list[str]]:
 
 def test_rank0_only_handlers_are_chosen_by_their_own_flag_not_by_position(tmp_path):
     train, validate = _handler_types(tmp_path, is_not_rank0=True)
-    assert train == ["CheckpointLoader", "StopOnNonFiniteLoss", "LrScheduleHandler", "ValidationHandler", "TrainingLog"]
+    assert train == ["CheckpointLoader", "StopOnNonFiniteLoss", "TrainingBudget", "LrScheduleHandler", "ValidationHandler", "TrainingLog"]
     assert validate == ["CheckpointSaver"]  # Ignite writes its files on rank 0 only
     train, validate = _handler_types(tmp_path, is_not_rank0=False)
-    assert train[-3:] == ["StatsHandler", "TensorBoardStatsHandler", "ProgressBar"] and len(train) == 8
+    assert train[-3:] == ["StatsHandler", "TensorBoardStatsHandler", "ProgressBar"] and len(train) == 9
     assert validate == ["StatsHandler", "TensorBoardStatsHandler", "CheckpointSaver"]
 
 

@@ -227,3 +227,20 @@ def test_no_training_budget_leaves_the_schedule_alone():
     trainer, scheduler = _budgeted_run(0, epochs=3)
     assert trainer.state.epoch == trainer.state.max_epochs == 3
     assert scheduler.total_iters == 3
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_evaluator_autocast_runs_the_forward_in_bf16_on_a_cpu_and_hands_float32_on(enabled):
+    from mgrad_net.engines import EvaluatorAutocast
+
+    net = tiny_net(out_channels=2).eval()
+    inside = []  # the dtype a convolution produced, as the network ran
+    net.encoder[0].register_forward_hook(lambda m, a, out: inside.append(out.dtype))
+    seen = []  # the prediction postprocessing receives
+    post = Compose([lambda d: seen.append(d["pred"].dtype) or d])
+    evaluator = SupervisedEvaluator(device=CPU, val_data_loader=_loader(count=2, batch_size=1), network=net, postprocessing=post)
+    EvaluatorAutocast(CPU, enabled).attach(evaluator)
+    evaluator.run()
+    assert inside == [torch.bfloat16 if enabled else torch.float32] * 2
+    assert seen == [torch.float32] * 2
+    assert not torch.is_autocast_enabled("cpu")  # left after the forward, not at the run's end
