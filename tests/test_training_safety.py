@@ -152,7 +152,7 @@ def test_a_kill_while_model_pt_is_rewritten_leaves_the_previous_best_weights_who
         )  # fmt: skip
     try:
         _wait(lambda: "saving epoch 2" in log.read_text(), proc, log, "epoch 2")
-        inode = best.stat().st_ino  # epoch 1's file
+        inode = best.stat().st_ino if best.exists() else None  # epoch 1's file (gone already: deleted before the save)
         # the rewrite has begun once a temporary file appears, or model.pt is gone or replaced
         _wait(
             lambda: any(is_atomic_leftover(n) for n in _names(models)) or not best.exists() or best.stat().st_ino != inode,
@@ -181,7 +181,10 @@ def test_a_second_training_into_a_held_ckpt_dir_is_refused_naming_the_lock_and_i
     with log.open("w") as out:
         holder = subprocess.Popen(cmd, cwd=first, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait(lambda: lock.is_file() and f"pid {holder.pid} " in lock.read_text(), holder, log, "the first run's lock")
+        # the lock is taken in initialize, before the first checkpoint
+        held = lambda: lock.is_file() and f"pid {holder.pid} " in lock.read_text()  # noqa: E731
+        _wait(lambda: held() or (models / "checkpoint_epoch=1.pt").exists(), holder, log, "the first run's lock")
+        assert held(), f"the first run trains into {models} without holding a lock: {_names(models)}"
         proc = run_bundle(
             "training", ["train"], second, "--dataset_dir", str(small_data), "--ckpt_dir", str(models),
             "--max_epochs", "1", *SMALL, check=False,
