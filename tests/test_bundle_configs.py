@@ -65,6 +65,10 @@ files, workflow_type, root = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
 workflow = ConfigWorkflow(config_file=files, meta_file=sys.argv[4], logging_file=sys.argv[5],
                           workflow_type=workflow_type, bundle_root=root,
                           **{"network_def#features": [4, 8, 16, 32, 64], "network_def#decoder_channels": 8})
+if workflow_type == "infer":  # inference loads and checks its weights in initialize: the tiny network's
+    import os
+    os.makedirs(root + "/models", exist_ok=True)
+    torch.save(workflow.parser.get_parsed_content("network_def").state_dict(), root + "/models/model.pt")
 workflow.initialize()
 try:
     missing = workflow.check_properties()
