@@ -36,6 +36,8 @@ ROWS: dict[str, tuple[list[str], str, str]] = {
         "models/ablation_weighted_loss/model.pt"),
     "BasicUNet (baseline)": (
         ["baseline_basicunet"], "docs/training_log_baseline_basicunet.csv", "models/baseline_basicunet/model.pt"),
+    "SwinUNETR": (["swinunetr"], "docs/training_log_swinunetr.csv", "models/swinunetr/model.pt"),
+    "SwinUNETR-RecA": (["swinunetr_reca"], "docs/training_log_swinunetr_reca.csv", "models/swinunetr_reca/model.pt"),
 }  # fmt: skip
 
 
@@ -110,6 +112,7 @@ def compare(
     header = ["model", "parameters", "epochs", "training (min)", "Dice RV", "Dice Myo", "Dice LV", "Dice mean",
               "IoU mean", "HD95 (vox)", "ASD (vox)"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    summary: dict = {"cases": 0}  # the note's count when no chosen row is trained
     for i, name in enumerate(chosen):
         overrides, log, ckpt = ROWS[name]
         if not (BUNDLE / ckpt).is_file():
