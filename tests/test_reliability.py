@@ -119,7 +119,7 @@ def test_a_checkpoint_carrying_code_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 900.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
