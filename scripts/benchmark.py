@@ -49,7 +49,12 @@ PRESET_BASIC_FEATURES = (14, 28, 56, 112, 224, 14)  # 1.49 M parameters, the pre
 PRESET_CLASSES = 4
 
 
-def _peak_rss_gb() -> float:
+def _peak_gb(dev=None) -> float:
+    """Peak memory of this process: allocated GPU memory on CUDA, resident memory on a CPU."""
+    if dev is not None and dev.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(dev) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -118,8 +123,10 @@ def measure_peak(device: str | None = None, n: int = 2048, repeats: int = 10) ->
         with open("/proc/cpuinfo") as f:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
         machine = f"{name}, {os.cpu_count()} cores, ATen {torch.backends.cpu.get_cpu_capability()}"
-        # oneDNN's check for native bf16 instructions (AVX512-BF16, AMX); without them bf16 is emulated
-        bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+        # native bf16 instructions (AVX512-BF16, AMX), the configs' amp default; without them bf16 is emulated
+        from mgrad_net.engines import native_mixed_precision
+
+        bf16 = native_mixed_precision(dev)
     return {"gflops": max(mm, conv), "mm_gflops": mm, "conv1x1_gflops": conv, "machine": machine, "fast_bf16": bf16}
 
 
@@ -149,7 +156,7 @@ def measure_eval(
         best = min(_seconds(lambda: [model(x) for _ in range(calls)], dev) for _ in range(repeats))
     return {
         "s_per_slice": best / (calls * batch), "flops_per_slice": counter.get_total_flops(),
-        "params": sum(p.numel() for p in model.parameters()), "peak_rss_gb": _peak_rss_gb(),
+        "params": sum(p.numel() for p in model.parameters()), "peak_gb": _peak_gb(dev),
     }  # fmt: skip
 
 
@@ -189,13 +196,13 @@ def measure_train(
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda _: times.append(-_now(dev)))
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: times.append(times.pop() + _now(dev)))
     trainer.run()
-    rss = _peak_rss_gb()
+    rss = _peak_gb(dev)
     with FlopCounterMode(display=False) as counter:  # a copy without checkpointing: no recomputation counted
         loss(_network(net, classes, dev, preset)(image[:1].to(dev)), label[:1].to(dev)).backward()
     seconds = statistics.median(times[1:]) if len(times) > 1 else times[0]
     flops = counter.get_total_flops()
     return {
-        "seconds": seconds, "first_seconds": times[0], "step_seconds": times, "peak_rss_gb": rss,
+        "seconds": seconds, "first_seconds": times[0], "step_seconds": times, "peak_gb": rss,
         "slice_passes_per_s": batch * passes / seconds, "flops_per_slice_pass": flops,
         "gflops": flops * batch * passes / seconds / 1e9,
     }  # fmt: skip
@@ -242,7 +249,7 @@ def measure_infer3d(volume: str, size: int = 224, device: str | None = None, sw_
     shutil.rmtree(work, ignore_errors=True)
     return {
         "slices": slices, "slices_per_s": slices / total, "outside_share": 1 - sum(inside) / total,
-        "seconds": total, "peak_rss_gb": _peak_rss_gb(),
+        "seconds": total, "peak_gb": _peak_gb(dev),
     }  # fmt: skip
 
 
@@ -354,8 +361,8 @@ def main(
                 continue
             base = res[yardstick(name)].get("seconds", float("nan"))
             rows.append([name, *(f"{r[k]:.2f}" for k in ("seconds", "worst", "first_seconds", "slice_passes_per_s")),
-                         f"{r['gflops']:.0f}", f"{100 * r['gflops'] / peak():.0f}%", f"{r['peak_rss_gb']:.2f}", f"{r['seconds'] / base:.2f}"])  # fmt: skip
-        head = ["network", "step (s)", "worst round (s)", "first step (s)", "slice-passes/s", "GFLOP/s", "% of peak", "peak RSS (GB)", "vs BasicUNet"]
+                         f"{r['gflops']:.0f}", f"{100 * r['gflops'] / peak():.0f}%", f"{r['peak_gb']:.2f}", f"{r['seconds'] / base:.2f}"])  # fmt: skip
+        head = ["network", "step (s)", "worst round (s)", "first step (s)", "slice-passes/s", "GFLOP/s", "% of peak", "peak memory (GB)", "vs BasicUNet"]
         return _table(title, head, rows)
 
     if "train" in chosen:
@@ -388,10 +395,10 @@ def main(
                 rows.append([network, vol, r.get("error") or r.get("skipped"), "", "", "", ""])
                 continue
             rows.append([network, vol, r["slices"], f"{r['slices_per_s']:.2f}", f"{100 * r['outside_share']:.1f}%",
-                         f"{r['seconds']:.1f}", f"{r['peak_rss_gb']:.2f}"])  # fmt: skip
+                         f"{r['seconds']:.1f}", f"{r['peak_gb']:.2f}"])  # fmt: skip
         lines += _table(
             f"3D inference through the bundle (random weights; full: full_size.json at {size}x{size}, default: the CPU preset at 128x128)",
-            ["network", "volume", "slices", "slices/s", "outside forward", "seconds", "peak RSS (GB)"], rows,
+            ["network", "volume", "slices", "slices/s", "outside forward", "seconds", "peak memory (GB)"], rows,
         )  # fmt: skip
 
     nan = float("nan")
