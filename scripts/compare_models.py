@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -67,9 +68,10 @@ def training_minutes(logs: list[Path]) -> tuple[float | None, int | None]:
     return sum(float(r.get("train_seconds") or r["seconds"]) for r in rows) / 60, len(rows)
 
 
-def evaluate(overrides: list[str], dataset_dir: str, output_dir: Path, section: str, extra: list[str] = ()) -> dict:
+def evaluate(overrides: list[str], dataset_dir: str, output_dir: Path, section: str, extra: list[str] = (), log: Path | None = None) -> dict:
     """The bundle's ``evaluate`` with the override configs ``overrides`` (and command-line
-    overrides ``extra``) on ``section``, in a subprocess; returns its ``summary.json``."""
+    overrides ``extra``) on ``section``, in a subprocess; returns its ``summary.json``. ``log``:
+    a file the command line is appended to."""
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "evaluating",
         "--config_file", json.dumps(_configs(overrides)),
@@ -81,6 +83,9 @@ def evaluate(overrides: list[str], dataset_dir: str, output_dir: Path, section: 
         "--output_dir", str(output_dir),
         *extra,
     ]  # fmt: skip
+    if log is not None:
+        with open(log, "a") as f:
+            f.write(shlex.join(cmd) + "\n")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"evaluation failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")

@@ -95,9 +95,7 @@ def main(
              "--amp", str(amp).lower(), "--train_minutes", str(minutes), *shlex.split(overrides)]  # fmt: skip
     _run(train, out)
 
-    with (out / "commands.txt").open("a") as f:
-        f.write(f"# evaluate: compare_models.evaluate({names}, {dataset_dir!r}, {str(out / 'evaluation')!r}, 'validation')\n")
-    summary = evaluate([*names], dataset_dir, out / "evaluation", "validation",
+    summary = evaluate([*names], dataset_dir, out / "evaluation", "validation", log=out / "commands.txt",
                        extra=["--ckpt_path", str(out / "model.pt"), "--amp", str(amp).lower(), *shlex.split(overrides)])  # fmt: skip
     mean, per_class = summary["mean"], summary["per_class"]
     dice = " / ".join(_fmt(per_class[c]["dice"]) for c in ("right ventricle", "myocardium", "left ventricle"))

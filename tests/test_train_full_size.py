@@ -39,7 +39,7 @@ def test_trains_for_its_budget_and_writes_weights_log_benchmark_and_evaluation(t
     dice = summary["mean"]["dice"]
     assert f"| {dice:.3f} |" in (out / "evaluation.md").read_text()
     commands = (out / "commands.txt").read_text()
-    assert "--train_minutes 0.02" in commands and "benchmark.py" in commands
+    assert "--train_minutes 0.02" in commands and "benchmark.py" in commands and "run evaluating" in commands
 
 
 def test_refuses_a_folder_that_holds_files_and_leaves_it_alone(tmp_path):
