@@ -4,7 +4,9 @@
 
 Each row is the bundle's evaluation (``configs/train.json`` + ``configs/evaluate.json`` + the row's
 override files) run in a subprocess, exactly as a user runs it; the numbers come from the
-``summary.json`` it writes. Rows whose checkpoint is missing are listed as not trained. Distances
+``summary.json`` it writes. Each row also gives its training minutes and the minutes to first
+reach 0.85 and 0.90 validation Dice (from its training logs), and the seconds per volume of the
+bundle's ``inference`` with the same overrides. Rows whose checkpoint is missing are listed as not trained. Distances
 (HD95, ASD) are in voxels where the data has no spacing (the shared ACDC copy). The table is
 printed and, with ``--markdown``, written to a file (the model card's results table).
 """
@@ -55,17 +57,61 @@ def parameter_count(overrides: list[str]) -> int:
     return sum(p.numel() for p in parser.get_parsed_content("network_def").parameters())
 
 
-def training_minutes(logs: list[Path]) -> tuple[float | None, int | None]:
-    """Training minutes and epochs over the logs (one per training stage) that exist."""
+def _log_rows(logs: list[Path]) -> list[dict[str, str]]:
     rows = []
     for log in logs:
         if log.is_file():
             with log.open(newline="") as f:
                 rows += list(csv.DictReader(f))
+    return rows
+
+
+def _train_seconds(row: dict[str, str]) -> float:
+    # train_seconds: validation excluded (the protocol's training time); older logs have only seconds
+    return float(row.get("train_seconds") or row["seconds"])
+
+
+def training_minutes(logs: list[Path]) -> tuple[float | None, int | None]:
+    """Training minutes and epochs over the logs (one per training stage, in order) that exist."""
+    rows = _log_rows(logs)
     if not rows:
         return None, None
-    # train_seconds: validation excluded (the protocol's training time); older logs have only seconds
-    return sum(float(r.get("train_seconds") or r["seconds"]) for r in rows) / 60, len(rows)
+    return sum(map(_train_seconds, rows)) / 60, len(rows)
+
+
+def minutes_to(logs: list[Path], dice: float) -> float | None:
+    """Training minutes until the first epoch whose validation mean Dice reached ``dice``
+    (that epoch included), over the stages' logs in order; None if none did."""
+    spent = 0.0
+    for row in _log_rows(logs):
+        spent += _train_seconds(row)
+        if row.get("val_mean_dice") and float(row["val_mean_dice"]) >= dice:
+            return spent / 60
+    return None
+
+
+def inference_seconds(overrides: list[str], dataset_dir: str, section: str, ckpt: Path) -> float:
+    """Seconds per volume of the bundle's ``inference`` (``inference.json`` + ``overrides``) on
+    ``section``, as a user runs it: loading, slicing, the forward, inversion and NIfTI writing;
+    the run alone, without start-up and ``initialize``. In this process, into a temporary folder."""
+    import time
+
+    from monai.bundle import ConfigWorkflow
+
+    with tempfile.TemporaryDirectory(prefix="compare_models_infer_") as out:
+        workflow = ConfigWorkflow(
+            config_file=[str(BUNDLE / "configs" / f"{n}.json") for n in ["inference", *overrides]],
+            meta_file=str(BUNDLE / "configs" / "metadata.json"), logging_file=str(BUNDLE / "configs" / "logging.conf"),
+            workflow_type="infer", bundle_root=str(BUNDLE), dataset_dir=dataset_dir, infer_section=section,
+            output_dir=out, ckpt_path=str(ckpt),
+        )  # fmt: skip
+        workflow.initialize()
+        start = time.perf_counter()
+        workflow.run()
+        seconds = time.perf_counter() - start
+        cases = len(workflow.parser.get_parsed_content("dataset#data"))
+        workflow.finalize()
+    return seconds / cases
 
 
 def evaluate(overrides: list[str], dataset_dir: str, output_dir: Path, section: str, extra: list[str] = (), log: Path | None = None) -> dict:
@@ -114,8 +160,8 @@ def compare(
     """
     chosen = [r.strip() for r in rows.split(",")] if rows else list(ROWS)
     keep = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="compare_models_"))
-    header = ["model", "parameters", "epochs", "training (min)", "Dice RV", "Dice Myo", "Dice LV", "Dice mean",
-              "IoU mean", "HD95 (vox)", "ASD (vox)"]  # fmt: skip
+    header = ["model", "parameters", "epochs", "training (min)", "min to 0.85", "min to 0.90", "Dice RV", "Dice Myo",
+              "Dice LV", "Dice mean", "IoU mean", "HD95 (vox)", "ASD (vox)", "inference (s/volume)"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     summary: dict = {"cases": 0}  # the note's count when no chosen row is trained
     for i, name in enumerate(chosen):
@@ -126,14 +172,20 @@ def compare(
         summary = evaluate(overrides, dataset_dir, keep / f"row{i}", section)
         per_class = summary["per_class"]
         dice = [per_class[c]["dice"] for c in ("right ventricle", "myocardium", "left ventricle")]
-        minutes, epochs = training_minutes([BUNDLE / part for part in log.split(",")])
+        logs = [BUNDLE / part for part in log.split(",")]
+        minutes, epochs = training_minutes(logs)
         mean = summary["mean"]
-        cells = [name, f"{parameter_count(overrides):,}", str(epochs or "–"), _fmt(minutes, 1), *map(_fmt, dice),
-                 _fmt(mean["dice"]), _fmt(mean["iou"]), _fmt(mean["hd95"], 2), _fmt(mean["asd"], 2)]  # fmt: skip
+        seconds = inference_seconds(overrides, dataset_dir, section, BUNDLE / ckpt)
+        cells = [name, f"{parameter_count(overrides):,}", str(epochs or "–"), _fmt(minutes, 1),
+                 _fmt(minutes_to(logs, 0.85), 1), _fmt(minutes_to(logs, 0.90), 1), *map(_fmt, dice),
+                 _fmt(mean["dice"]), _fmt(mean["iou"]), _fmt(mean["hd95"], 2), _fmt(mean["asd"], 2), _fmt(seconds, 2)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], file=sys.stderr, flush=True)
     note = (f"\n{summary['cases']} cases of the `{section}` section of `{Path(dataset_dir).name}`; "
-            "Dice, IoU and distances over RV, Myo and LV; distances are means over the finite values.")  # fmt: skip
+            "Dice, IoU and distances over RV, Myo and LV; distances are means over the finite values. "
+            "Training minutes exclude validation where the log has train_seconds (older logs: epoch wall time); "
+            "min to 0.85 / 0.90: training minutes until the first epoch at that validation Dice (– never); "
+            "inference: the bundle's inference run per volume, start-up excluded.")  # fmt: skip
     table = "\n".join(lines) + "\n" + note + "\n"
     print(table)
     if markdown:
