@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
 from mgrad_net.errors import CheckpointError, CkptDirInUseError
-from mgrad_net.io import atomic_path, checkpoints_newest_first, is_atomic_leftover, latest_checkpoint
+from mgrad_net.io import atomic_path, checkpoints_newest_first, is_atomic_leftover, latest_checkpoint, no_space_named
 
 __all__ = [
     "AtomicDiskSaver",
@@ -79,8 +80,12 @@ class AtomicDiskSaver(BaseSaveHandler):
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         path = self.dirname / (self.filename or filename)
         if self._writes():
-            with atomic_path(path, fsync=True) as tmp:
-                torch.save(checkpoint, tmp)
+            # serialized in memory first: a full disk then fails in a plain write, with its errno
+            # (torch.save into a file reports it as a RuntimeError without one), and is named
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            with no_space_named(path), atomic_path(path, fsync=True) as tmp:
+                tmp.write_bytes(buffer.getbuffer())
             for old in self._pending:
                 if old != path:  # a fixed name was just replaced by the rename itself
                     old.unlink(missing_ok=True)

@@ -81,6 +81,14 @@ def _traceback_wanted() -> bool:
     return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _close_progress_bars() -> None:
+    """Close the tqdm bars still open (Ignite's ``ProgressBar`` during training): each clears its
+    line on stderr when closed, which at interpreter exit would come after the message."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def install_excepthook() -> None:
     """Make an uncaught error whose chain holds a :class:`UserError` end the process with that
     error's message alone on stderr (exit status 1, as for any uncaught error).
@@ -98,6 +106,7 @@ def install_excepthook() -> None:
         if error is None or _traceback_wanted():
             previous(kind, value, tb)
             return
+        _close_progress_bars()  # a live bar would redraw itself after the message, at exit
         sys.stdout.flush()  # the log goes to stdout: let it end before the message
         sys.stderr.write(f"(the run stopped; {TRACEBACK_ENV}=1 shows the traceback)\n{type(error).__name__}: {error}\n")
         sys.stderr.flush()

@@ -25,7 +25,7 @@ from monai.data import NibabelWriter
 
 from mgrad_net.errors import NoCheckpointError, NoSpaceLeftError
 
-__all__ = ["atomic_path", "is_atomic_leftover", "atomic_write_text", "atomic_write_json", "atomic_save_nifti", "keep_previous", "checkpoints_newest_first", "latest_checkpoint", "AtomicNibabelWriter"]
+__all__ = ["atomic_path", "is_atomic_leftover", "atomic_write_text", "atomic_write_json", "atomic_save_nifti", "keep_previous", "checkpoints_newest_first", "latest_checkpoint", "no_space_named", "AtomicNibabelWriter"]
 
 
 @contextmanager
@@ -50,6 +50,18 @@ def atomic_path(dst: str | os.PathLike, suffix: str = "", fsync: bool = False) -
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def no_space_named(dst: str | os.PathLike) -> Iterator[None]:
+    """A full file system (``ENOSPC``) while writing ``dst`` becomes
+    :class:`~mgrad_net.errors.NoSpaceLeftError`, whose message names the folder and the file."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC or isinstance(err, NoSpaceLeftError):
+            raise
+        raise NoSpaceLeftError(errno.ENOSPC, f"no space left on {Path(dst).parent}: {dst} was not written") from err
 
 
 def _fsync(path: Path) -> None:
@@ -138,10 +150,5 @@ class AtomicNibabelWriter(NibabelWriter):
     def write(self, filename, verbose: bool = False, **obj_kwargs) -> None:
         name = str(filename)
         suffix = ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
-        try:
-            with atomic_path(filename, suffix=suffix) as tmp:
-                super().write(tmp, verbose=verbose, **obj_kwargs)
-        except OSError as err:
-            if err.errno != errno.ENOSPC:
-                raise
-            raise NoSpaceLeftError(errno.ENOSPC, f"no space left on {Path(name).parent}: {name} was not written") from err
+        with no_space_named(filename), atomic_path(filename, suffix=suffix) as tmp:
+            super().write(tmp, verbose=verbose, **obj_kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -72,3 +73,15 @@ def run_bundle(
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def tmpfs_refusal(folder: Path) -> str | None:
+    """Why a private tmpfs cannot be mounted here (``unshare -m``, a mount namespace of its own), or None."""
+    if shutil.which("unshare") is None:
+        return "no unshare command to mount a private tmpfs"
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = f"mount -t tmpfs -o size=64k tmpfs '{folder}'"
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot mount a private tmpfs (needs root or user namespaces): {probe.stderr.strip()}"
+    return None

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from monai.transforms import Compose, LoadImaged, Orientationd, ScaleIntensityRa
 
 from mgrad_net.data import SliceAxisLastd, check_no_overwrite, short_axis_phantom, slice_axis, validate_datalist
 from mgrad_net.errors import NoSpaceLeftError, OverwriteRefusedError, find_user_error
-from tests.bundle_utils import CONFIGS, REPO, SHARED_DATA, bundle_command
+from tests.bundle_utils import CONFIGS, REPO, SHARED_DATA, bundle_command, tmpfs_refusal
 
 SHIPPED = REPO / "bundle" / "models" / "model.pt"
 SPACING = (1.5, 1.5, 8.0)  # a short-axis cine stack: fine in-plane, coarse between slices
@@ -291,21 +290,9 @@ def test_a_ct_volume_given_to_the_mri_preset_is_named_in_a_warning_not_refused(t
 # ---------------------------------------------------------------------------------- 14. full disk
 
 
-def _tmpfs_refusal(folder: Path) -> str | None:
-    """Why a private tmpfs cannot be mounted here (``unshare -m``, a mount namespace of its own), or None."""
-    if shutil.which("unshare") is None:
-        return "no unshare command to mount a private tmpfs"
-    folder.mkdir(parents=True, exist_ok=True)
-    mount = f"mount -t tmpfs -o size=64k tmpfs '{folder}'"
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot mount a private tmpfs (needs root or user namespaces): {probe.stderr.strip()}"
-    return None
-
-
 def test_a_full_disk_is_named(tmp_path):
     data, out = tmp_path / "data", tmp_path / "full"
-    reason = _tmpfs_refusal(out)
+    reason = tmpfs_refusal(out)
     if reason:
         pytest.skip(reason)
     _save(data / "case.nii.gz", _phantom((48, 40, 2))[0], AXIAL)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from mgrad_net.errors import CheckpointError, find_user_error
 from mgrad_net.handlers import read_training_log
 from mgrad_net.io import is_atomic_leftover
 from mgrad_net.networks import MGRADUNet
-from tests.bundle_utils import CONFIGS, REPO, bundle_command, config_files, run_bundle
+from tests.bundle_utils import CONFIGS, REPO, bundle_command, config_files, run_bundle, tmpfs_refusal
 
 # one iteration an epoch: two training volumes in a batch of three, one slice each
 SMALL = ["--train#slices_per_volume", "1", "--num_workers", "0"]
@@ -347,3 +348,26 @@ def test_an_empty_training_list_is_named(tmp_path, small_data):
         f"DataValidationError: no training cases in {empty_list}: its 'training' section is empty; nothing was trained or written."
     )
     assert not (tmp_path / "models").exists()
+
+
+# ---------------------------------------------------------------- item 3 and 14: a full disk
+
+
+def test_a_full_disk_leaves_no_truncated_checkpoint_and_is_named(tmp_path, small_data):
+    ckpt = tmp_path / "models"
+    reason = tmpfs_refusal(ckpt)
+    if reason:
+        pytest.skip(reason)
+    listing = tmp_path / "listing.txt"
+    command = bundle_command(
+        "training", ["train"], tmp_path, "--dataset_dir", str(small_data), "--ckpt_dir", str(ckpt),
+        "--output_dir", str(tmp_path / "eval"), "--max_epochs", "1", *SMALL,
+    )  # fmt: skip
+    script = (  # a 64 KiB tmpfs: the lock file fits, no checkpoint of the tiny network does
+        f"mount -t tmpfs -o size=64k tmpfs '{ckpt}' && {shlex.join(command)}; rc=$?; ls -A '{ckpt}' > '{listing}'; exit $rc"
+    )
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert proc.returncode != 0
+    assert f"no space left on {ckpt}" in _last_line(proc.stderr), proc.stderr[-3000:]
+    left = listing.read_text().split()
+    assert not [n for n in left if n.endswith(".pt") or ".tmp" in n], f"a partial checkpoint or temporary file left: {left}"
