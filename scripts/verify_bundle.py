@@ -93,7 +93,9 @@ def check_properties(bundle: Path) -> str:
         if config is None:
             raise FileNotFoundError(f"no configs/{stem}.json in {bundle}")
         # properties resolve only after initialize, which writes (synthetic data, a copy of old
-        # weights): give it a scratch bundle_root so the bundle itself is left as it is
+        # weights): give it a scratch bundle_root so the bundle itself is left as it is; inference's
+        # initialize checks its weights, so it gets the bundle's own
+        weights = {"ckpt_path": str(bundle / "models" / "model.pt")} if workflow_type == "infer" else {}
         with tempfile.TemporaryDirectory() as scratch:
             workflow = ConfigWorkflow(
                 config_file=str(config),
@@ -101,6 +103,7 @@ def check_properties(bundle: Path) -> str:
                 logging_file=str(bundle / "configs/logging.conf"),
                 workflow_type=workflow_type,
                 bundle_root=scratch,
+                **weights,
             )
             workflow.initialize()
             try:

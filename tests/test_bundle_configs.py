@@ -211,10 +211,10 @@ def _handler_types(tmp_path, is_not_rank0: bool) -> tuple[list[str], list[str]]:
 def test_rank0_only_handlers_are_chosen_by_their_own_flag_not_by_position(tmp_path):
     train, validate = _handler_types(tmp_path, is_not_rank0=True)
     assert train == ["CheckpointLoader", "StopOnNonFiniteLoss", "TrainingBudget", "LrScheduleHandler", "ValidationHandler", "TrainingLog"]
-    assert validate == ["CheckpointSaver"]  # Ignite writes its files on rank 0 only
+    assert validate == ["AtomicCheckpointSaver"]  # Ignite writes its files on rank 0 only
     train, validate = _handler_types(tmp_path, is_not_rank0=False)
     assert train[-3:] == ["StatsHandler", "TensorBoardStatsHandler", "ProgressBar"] and len(train) == 9
-    assert validate == ["StatsHandler", "TensorBoardStatsHandler", "CheckpointSaver"]
+    assert validate == ["StatsHandler", "TensorBoardStatsHandler", "AtomicCheckpointSaver"]
 
 
 def test_multi_gpu_config_selects_no_handlers_and_spells_out_no_run():
