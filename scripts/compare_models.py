@@ -28,7 +28,7 @@ BUNDLE = REPO / "bundle"
 
 # row name -> (override configs after train.json + evaluate.json, training logs, checkpoint), paths in
 # the bundle; weights trained in stages list one log per stage, and the row sums them
-SHIPPED_LOGS = "docs/training_log.csv,docs/training_log_stage1.csv,docs/training_log_stage2.csv"
+SHIPPED_LOGS = "docs/training_log.csv,docs/training_log_stage1.csv,docs/training_log_stage2.csv,docs/training_log_stage3.csv"
 ROWS: dict[str, tuple[list[str], str, str]] = {
     "MGRAD-UNet (shipped weights)": ([], SHIPPED_LOGS, "models/model.pt"),
     "MGRAD-UNet, 3 feedback passes at inference": (["ablation_inference_feedback"], SHIPPED_LOGS, "models/model.pt"),
