@@ -3,6 +3,7 @@
 from mgrad_net.networks.blocks import RFB, DifferentialProcess, ResidualStage
 from mgrad_net.networks.decoders import DifferentialPyramid, GRADDecoder, MSDDecoder, SideOutputs
 from mgrad_net.networks.mgrad_unet import MGRADOutput, MGRADUNet
+from mgrad_net.networks.higmisnet import HiGMISnet, HiGMISnetGenerator
 from mgrad_net.networks.swin_unetr_reca import SwinUNETRRecA
 
 __all__ = [
@@ -16,4 +17,6 @@ __all__ = [
     "MGRADOutput",
     "MGRADUNet",
     "SwinUNETRRecA",
+    "HiGMISnet",
+    "HiGMISnetGenerator",
 ]
