@@ -1,4 +1,4 @@
-"""Training steps for MONAI's ``SupervisedTrainer``: each network brings its own.
+"""MGRAD-UNet's training step and the bundle's trainer, on MONAI's ``SupervisedTrainer``.
 
 MONAI's ``SupervisedTrainer`` takes an ``iteration_update(engine, batchdata)`` that replaces its
 default iteration; a step here is such a callable. :class:`FeedbackStep` is MGRAD-UNet's T-pass
