@@ -26,10 +26,12 @@ import fire
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 
-# row name -> (override configs after train.json + evaluate.json, training logs, checkpoint), paths in
-# the bundle; weights trained in stages list one log per stage, and the row sums them
+# row name -> (override configs after train.json + evaluate.json, training logs, checkpoint[, overrides
+# by id]), paths in the bundle; weights trained in stages list one log per stage, and the row sums them;
+# the ids override evaluation and inference only (MedSegDiff's sampling rows share one training)
 SHIPPED_LOGS = "docs/training_log.csv,docs/training_log_stage1.csv,docs/training_log_stage2.csv,docs/training_log_stage3.csv"
-ROWS: dict[str, tuple[list[str], str, str]] = {
+MEDSEGDIFF_LOG = "docs/training_log_medsegdiff.csv"
+ROWS: dict[str, tuple] = {
     "MGRAD-UNet (shipped weights)": ([], SHIPPED_LOGS, "models/model.pt"),
     "MGRAD-UNet, 3 feedback passes at inference": (["ablation_inference_feedback"], SHIPPED_LOGS, "models/model.pt"),
     "MGRAD-UNet trained without feedback": (
@@ -41,6 +43,12 @@ ROWS: dict[str, tuple[list[str], str, str]] = {
         ["baseline_basicunet"], "docs/training_log_baseline_basicunet.csv", "models/baseline_basicunet/model.pt"),
     "SwinUNETR": (["swinunetr"], "docs/training_log_swinunetr.csv", "models/swinunetr/model.pt"),
     "SwinUNETR-RecA": (["swinunetr_reca"], "docs/training_log_swinunetr_reca.csv", "models/swinunetr_reca/model.pt"),
+    "MedSegDiff (DDIM 10 steps × 1)": (["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt"),
+    "MedSegDiff (DDIM 25 steps × 1)": (
+        ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt", {"network_def#num_inference_steps": 25}),
+    "MedSegDiff (DDIM 10 steps × 5)": (
+        ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt", {"network_def#num_ensemble": 5}),
+    "Hi-gMISnet": (["higmisnet"], "docs/training_log_higmisnet.csv", "models/higmisnet/model.pt"),
 }  # fmt: skip
 
 
@@ -90,10 +98,11 @@ def minutes_to(logs: list[Path], dice: float) -> float | None:
     return None
 
 
-def inference_seconds(overrides: list[str], dataset_dir: str, section: str, ckpt: Path) -> float:
+def inference_seconds(overrides: list[str], dataset_dir: str, section: str, ckpt: Path, ids: dict | None = None) -> float:
     """Seconds per volume of the bundle's ``inference`` (``inference.json`` + ``overrides``) on
     ``section``, as a user runs it: loading, slicing, the forward, inversion and NIfTI writing;
-    the run alone, without start-up and ``initialize``. In this process, into a temporary folder."""
+    the run alone, without start-up and ``initialize``. In this process, into a temporary folder.
+    ``ids``: config ids overridden, as on the command line."""
     import time
 
     from monai.bundle import ConfigWorkflow
@@ -103,7 +112,7 @@ def inference_seconds(overrides: list[str], dataset_dir: str, section: str, ckpt
             config_file=[str(BUNDLE / "configs" / f"{n}.json") for n in ["inference", *overrides]],
             meta_file=str(BUNDLE / "configs" / "metadata.json"), logging_file=str(BUNDLE / "configs" / "logging.conf"),
             workflow_type="infer", bundle_root=str(BUNDLE), dataset_dir=dataset_dir, infer_section=section,
-            output_dir=out, ckpt_path=str(ckpt),
+            output_dir=out, ckpt_path=str(ckpt), **(ids or {}),
         )  # fmt: skip
         workflow.initialize()
         start = time.perf_counter()
@@ -165,17 +174,18 @@ def compare(
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     summary: dict = {"cases": 0}  # the note's count when no chosen row is trained
     for i, name in enumerate(chosen):
-        overrides, log, ckpt = ROWS[name]
+        overrides, log, ckpt, ids = (*ROWS[name], {})[:4]
         if not (BUNDLE / ckpt).is_file():
             print(f"{name}: not trained ({ckpt} missing), skipped", file=sys.stderr)
             continue
-        summary = evaluate(overrides, dataset_dir, keep / f"row{i}", section)
+        extra = [arg for key, value in ids.items() for arg in (f"--{key}", json.dumps(value))]
+        summary = evaluate(overrides, dataset_dir, keep / f"row{i}", section, extra)
         per_class = summary["per_class"]
         dice = [per_class[c]["dice"] for c in ("right ventricle", "myocardium", "left ventricle")]
         logs = [BUNDLE / part for part in log.split(",")]
         minutes, epochs = training_minutes(logs)
         mean = summary["mean"]
-        seconds = inference_seconds(overrides, dataset_dir, section, BUNDLE / ckpt)
+        seconds = inference_seconds(overrides, dataset_dir, section, BUNDLE / ckpt, ids)
         cells = [name, f"{parameter_count(overrides):,}", str(epochs or "–"), _fmt(minutes, 1),
                  _fmt(minutes_to(logs, 0.85), 1), _fmt(minutes_to(logs, 0.90), 1), *map(_fmt, dice),
                  _fmt(mean["dice"]), _fmt(mean["iou"]), _fmt(mean["hd95"], 2), _fmt(mean["asd"], 2), _fmt(seconds, 2)]  # fmt: skip
