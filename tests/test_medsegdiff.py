@@ -1,0 +1,164 @@
+"""MedSegDiff (#26): the FF-Parser, the training step in the bundle's trainer, seeded sampling, the
+override through ``python -m monai.bundle``."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.inferers import DiffusionInferer
+from monai.networks.utils import one_hot
+
+from mgrad_net.data import synthetic_disks
+from mgrad_net.engines import FeedbackTrainer, SegmentationDiffusionPrepareBatch
+from mgrad_net.networks import FFParser, MedSegDiff
+from tests.bundle_utils import run_bundle
+
+TINY = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "spatial_size": 32, "features": (8, 16), "norm_num_groups": 4}
+
+
+def _disks(n: int = 4, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    items = synthetic_disks(n, size=size, seed=0)
+    return torch.from_numpy(np.stack([i["image"] for i in items])), torch.from_numpy(np.stack([i["label"] for i in items]))
+
+
+# ---------------------------------------------------------------- the FF-Parser
+
+
+def test_ff_parser_with_an_all_ones_map_is_the_identity():
+    parser = FFParser(2, 3, (16, 12))
+    x = torch.randn(2, 3, 16, 12)
+    torch.testing.assert_close(parser(x), x, rtol=0, atol=1e-5)
+
+
+def test_ff_parser_keeping_only_the_zero_frequency_gives_each_channels_mean():
+    parser = FFParser(2, 3, (16, 16))
+    with torch.no_grad():
+        parser.attentive_map.zero_()
+        parser.attentive_map[:, 0, 0] = 1.0
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(parser(x), x.mean(dim=(2, 3), keepdim=True).expand_as(x), rtol=0, atol=1e-5)
+
+
+def test_ff_parser_damping_a_frequency_removes_that_frequency_only():
+    parser = FFParser(2, 1, (16, 16))
+    with torch.no_grad():
+        parser.attentive_map[0, 0, 4] = 0.0  # the horizontal frequency 4
+    i, j = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    low, high = torch.cos(2 * torch.pi * 1 * j / 16), torch.cos(2 * torch.pi * 4 * j / 16)
+    out = parser((low + high)[None, None])
+    torch.testing.assert_close(out[0, 0], low, rtol=0, atol=1e-5)
+
+
+def test_a_size_other_than_the_maps_is_an_error_naming_both():
+    with pytest.raises(ValueError, match=r"\(24, 24\).*\(32, 32\)"):
+        MedSegDiff(**TINY).segment(torch.zeros(1, 1, 24, 24))
+
+
+# ---------------------------------------------------------------- training
+
+
+def _trainer(net: MedSegDiff, loader, lr: float = 3e-3) -> FeedbackTrainer:
+    return FeedbackTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=net,
+        optimizer=torch.optim.AdamW(net.parameters(), lr=lr), loss_function=torch.nn.MSELoss(),
+        inferer=DiffusionInferer(net.noise_scheduler), prepare_batch=SegmentationDiffusionPrepareBatch(1000, 2),
+        feedback_passes=1,
+    )  # fmt: skip
+
+
+def test_one_training_step_in_the_bundles_trainer_lowers_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    net = MedSegDiff(**TINY)
+    x, y = _disks()
+    x0 = one_hot(y.long(), 2, dim=1) * 2 - 1
+    noise, t = torch.randn_like(x0), torch.full((4,), 300)
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(DiffusionInferer(net.noise_scheduler)(x0, net, noise, t, x, mode="concat"), noise).item()
+
+    before = fixed_loss()
+    trainer = _trainer(net, [{"image": x, "label": y}])
+    trainer.run()
+    first = trainer.state.output[0]  # MONAI decollates the output per sample
+    assert trainer.state.iteration == 1 and torch.isfinite(torch.as_tensor(first["loss"]))
+    assert first["image"].shape == x0.shape[1:]  # what the step noised: the one-hot label map
+    assert fixed_loss() < before
+
+
+def test_prepare_batch_noises_the_one_hot_label_scaled_to_plus_minus_one():
+    x, y = _disks(2)
+    x0, target, args, kwargs = SegmentationDiffusionPrepareBatch(1000, 3)({"image": x, "label": y})
+    assert x0.shape == (2, 3, 32, 32) and set(x0.unique().tolist()) == {-1.0, 1.0}
+    torch.testing.assert_close(x0[:, 1:2], (y * 2 - 1).to(x0.dtype))
+    assert target is kwargs["noise"] and kwargs["condition"] is x and kwargs["mode"] == "concat" and args == ()
+    assert kwargs["timesteps"].shape == (2,) and 0 <= kwargs["timesteps"].min() and kwargs["timesteps"].max() < 1000
+
+
+def test_overfits_a_few_synthetic_slices_with_the_default_steps():
+    torch.manual_seed(0)
+    net = MedSegDiff(**TINY)
+    assert net.num_inference_steps == 10 and net.num_ensemble == 1  # the defaults the bundle samples with
+    x, y = _disks()
+    trainer = _trainer(net, [{"image": x, "label": y}] * 50)
+    dice, steps = 0.0, 0
+    for _ in range(12):
+        trainer.run()  # 50 more steps on the same four slices
+        steps += trainer.state.iteration
+        pred = net.eval()(x).argmax(1, keepdim=True) == 1
+        dice = 2 * (pred & (y == 1)).sum().item() / (pred.sum().item() + (y == 1).sum().item())
+        if dice > 0.9:
+            break
+    assert dice > 0.9, f"foreground Dice {dice:.3f} after {steps} steps"
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_seeded_sampling_is_deterministic_whatever_the_rng_state_or_batch():
+    torch.manual_seed(0)
+    net = MedSegDiff(**{**TINY, "num_inference_steps": 4, "num_ensemble": 2}).eval()
+    x, _ = _disks(3)
+    first = net(x[:1])
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert torch.equal(net(x[:1]), first)  # bit for bit
+    torch.testing.assert_close(net(x)[:1], first, rtol=0, atol=1e-4)  # the same image in another batch (other kernels)
+    assert first.shape == (1, 2, 32, 32) and first.abs().max() <= 1  # per-class scores in [-1, 1]
+    net.seed = 1
+    assert not torch.allclose(net(x[:1]), first)  # the seed does matter
+    net.seed, net.num_ensemble = 0, 1
+    assert not torch.allclose(net(x[:1]), first)  # so does the ensemble: two members averaged
+
+
+# ---------------------------------------------------------------- the bundle override
+
+ROI = ["--roi_size", "[64,64]"]
+
+
+def test_override_trains_an_epoch_and_infers_in_the_inputs_geometry(tmp_path):
+    """One epoch on the embedded synthetic data through ``python -m monai.bundle`` (validation
+    samples with DDIM), then inference merged after inference.json alone."""
+    run_bundle("training", ["train", "medsegdiff"], tmp_path, *ROI, "--max_epochs", "1", "--train#slices_per_volume", "2",
+               "--network_def#num_inference_steps", "2", tiny=False)  # fmt: skip
+    weights = tmp_path / "models" / "medsegdiff" / "model.pt"
+    assert weights.is_file() and not (tmp_path / "models" / "model.pt").exists()  # its own folder
+    net = MedSegDiff(2, 1, 4, spatial_size=64)
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    assert sum(p.numel() for p in MedSegDiff(2, 1, 4, spatial_size=192).parameters()) == 1_619_848  # the preset stated
+    log = (tmp_path / "eval" / "medsegdiff" / "training_log.csv").read_text().splitlines()
+    assert len(log) == 2 and log[0].startswith("epoch")
+
+    run_bundle("inference", ["inference", "medsegdiff"], tmp_path, *ROI, "--output_dir", str(tmp_path / "segs"),
+               "--network_def#num_inference_steps", "2", tiny=False)  # fmt: skip
+    synthetic = tmp_path / "data" / "synthetic"
+    for item in json.loads((synthetic / "dataset.json").read_text())["test"]:
+        image = synthetic / item["image"]
+        seg = nib.load(tmp_path / "segs" / image.name.replace(".nii.gz", "_seg.nii.gz"))
+        img = nib.load(image)
+        assert seg.shape == img.shape
+        np.testing.assert_allclose(seg.affine, img.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 3}
