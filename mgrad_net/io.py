@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 from monai.data import NibabelWriter
+from monai.data.image_writer import logger as image_writer_logger
 
 from mgrad_net.errors import NoCheckpointError, NoSpaceLeftError
 
@@ -151,4 +152,6 @@ class AtomicNibabelWriter(NibabelWriter):
         name = str(filename)
         suffix = ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
         with no_space_named(filename), atomic_path(filename, suffix=suffix) as tmp:
-            super().write(tmp, verbose=verbose, **obj_kwargs)
+            super().write(tmp, verbose=False, **obj_kwargs)
+        if verbose:  # the file the user gets, not the temporary one MONAI's writer would name
+            image_writer_logger.info(f"writing: {filename}")

@@ -88,6 +88,22 @@ def test_inference_never_replaces_a_file_it_did_not_write(tmp_path):
     assert written.shape == label.shape
 
 
+def test_the_inference_log_names_the_files_written_not_their_temporaries(tmp_path):
+    from monai.data.image_writer import logger as writer_logger
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    _save(data / "case.nii.gz", _phantom()[0], AXIAL)
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    writer_logger.addHandler(handler)
+    try:
+        _infer(tmp_path, data, output_dir=out)
+    finally:
+        writer_logger.removeHandler(handler)
+    assert records == [f"writing: {out / 'case_seg.nii.gz'}"] and (out / "case_seg.nii.gz").is_file()
+
+
 # ------------------------------------------------------------------------- 2. one output per input
 
 
