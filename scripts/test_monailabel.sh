@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The MONAI Label integration test alone (pytest marker `monailabel`; the default run includes it, last):
+# The MONAI Label integration test (pytest marker `monailabel`; opt-in, .ci/run runs it after the test command):
 # builds or reuses MONAI Label's own venv (scripts/monailabel/setup_venv.sh; $MGRAD_MONAILABEL_VENV,
 # default ~/.cache/mgrad-net/monailabel-venv), starts a real server on 127.0.0.1 and talks HTTP to it.
 # Run it with the project's environment active (the one `pip install -e ".[test]"` made).
