@@ -142,13 +142,16 @@ ROI = ["--roi_size", "[64,64]"]
 def test_override_trains_an_epoch_and_infers_in_the_inputs_geometry(tmp_path):
     """One epoch on the embedded synthetic data through ``python -m monai.bundle`` (validation
     samples with DDIM), then inference merged after inference.json alone."""
-    run_bundle("training", ["train", "medsegdiff"], tmp_path, *ROI, "--max_epochs", "1", "--train#slices_per_volume", "2",
-               "--network_def#num_inference_steps", "2", tiny=False)  # fmt: skip
+    proc = run_bundle("training", ["train", "medsegdiff"], tmp_path, *ROI, "--max_epochs", "1",
+                      "--train#slices_per_volume", "2", "--network_def#num_inference_steps", "2", tiny=False)  # fmt: skip
     weights = tmp_path / "models" / "medsegdiff" / "model.pt"
+    assert proc.stdout.splitlines()[-4:] == [  # the run's last words: where its outputs went
+        "outputs:", f"  weights: {weights}", f"  training log: {tmp_path / 'eval' / 'medsegdiff' / 'training_log.csv'}",
+        f"  tensorboard: {tmp_path / 'eval' / 'medsegdiff'}"]  # fmt: skip
     assert weights.is_file() and not (tmp_path / "models" / "model.pt").exists()  # its own folder
     net = MedSegDiff(2, 1, 4, spatial_size=64)
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    assert sum(p.numel() for p in MedSegDiff(2, 1, 4, spatial_size=192).parameters()) == 1_619_848  # the preset stated
+    assert sum(p.numel() for p in MedSegDiff(2, 1, 4, spatial_size=192).parameters()) == 1_742_608  # the preset stated
     log = (tmp_path / "eval" / "medsegdiff" / "training_log.csv").read_text().splitlines()
     assert len(log) == 2 and log[0].startswith("epoch")
 

@@ -108,8 +108,11 @@ class MedSegDiffUNet(nn.Module):
     Two encoders, one for the noisy label map ``x_t`` and one for the image ``I``, share a sinusoidal
     timestep embedding. At every stage the :class:`ConditionalEncoding` fuses the mask features into
     the image stream; the two streams are added at the bottleneck, and the decoder decodes the mask
-    stream with its skip connections. The input is ``cat([x_t, I])`` along the channels, as MONAI's
-    ``DiffusionInferer`` in ``concat`` mode gives it.
+    stream with its skip connections. With ``skip_condition`` the skips carry both streams (the
+    conditioned image features beside the mask features; lucidrains' ``skip_connect_condition_fmaps``),
+    so the decoder sees the image at every scale and not only at the bottleneck: the boundaries of
+    small structures are drawn at full resolution. The input is ``cat([x_t, I])`` along the
+    channels, as MONAI's ``DiffusionInferer`` in ``concat`` mode gives it.
 
     Args:
         spatial_dims: number of spatial dimensions.
@@ -119,6 +122,7 @@ class MedSegDiffUNet(nn.Module):
             entry divisible by ``2 ** (len(features) - 1)``.
         features: channels per stage.
         norm_num_groups: groups of the ResNet blocks' GroupNorm (divides every entry of ``features``).
+        skip_condition: the skips carry the image stream's features too.
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class MedSegDiffUNet(nn.Module):
         spatial_size: Sequence[int] | int = 192,
         features: Sequence[int] = (12, 24, 48, 96),
         norm_num_groups: int = 4,
+        skip_condition: bool = True,
     ) -> None:
         super().__init__()
         size = ensure_tuple_rep(spatial_size, spatial_dims)
@@ -160,7 +165,8 @@ class MedSegDiffUNet(nn.Module):
         self.mask_down = nn.ModuleList(DiffusionUnetDownsample(spatial_dims, f, use_conv=True) for f in features[:-1])
         self.image_down = nn.ModuleList(DiffusionUnetDownsample(spatial_dims, f, use_conv=True) for f in features[:-1])
         self.mid = block(features[-1], features[-1])
-        self.up_blocks = nn.ModuleList(block(2 * f, f) for f in features)
+        self.skip_condition = bool(skip_condition)
+        self.up_blocks = nn.ModuleList(block((3 if skip_condition else 2) * f, f) for f in features)
         self.upsample = nn.ModuleList(
             WrappedUpsample(spatial_dims, in_channels=features[i], out_channels=features[i - 1], mode="nontrainable",
                             interp_mode="nearest", scale_factor=2.0, align_corners=None)
@@ -182,7 +188,7 @@ class MedSegDiffUNet(nn.Module):
         ):
             m, c = mask_block(m, emb), image_block(c, emb)
             c = conditioner(m, c, emb)
-            skips.append(m)
+            skips.append(torch.cat([m, c], dim=1) if self.skip_condition else m)
             if i < len(self.mask_down):
                 m, c = self.mask_down[i](m), self.image_down[i](c)
         m = self.mid(m + c, emb)
@@ -216,6 +222,7 @@ class MedSegDiff(nn.Module):
         spatial_size: the fixed input size (the bundle's ``roi_size``).
         features: channels per stage of the noise predictor.
         norm_num_groups: GroupNorm groups.
+        skip_condition: the decoder's skips carry the image stream too (see :class:`MedSegDiffUNet`).
         num_train_timesteps: diffusion steps T.
         schedule: MONAI's noise schedule name (``linear_beta``, ``scaled_linear_beta``, ``cosine``...).
         num_inference_steps: DDIM steps at inference.
@@ -231,6 +238,7 @@ class MedSegDiff(nn.Module):
         spatial_size: Sequence[int] | int = 192,
         features: Sequence[int] = (12, 24, 48, 96),
         norm_num_groups: int = 4,
+        skip_condition: bool = True,
         num_train_timesteps: int = 1000,
         schedule: str = "linear_beta",
         num_inference_steps: int = 10,
@@ -243,7 +251,9 @@ class MedSegDiff(nn.Module):
                 f"MedSegDiff: num_inference_steps must be in [1, {num_train_timesteps}] and num_ensemble at least 1, "
                 f"got {num_inference_steps} and {num_ensemble}."
             )
-        self.unet = MedSegDiffUNet(spatial_dims, in_channels, out_channels, spatial_size, features, norm_num_groups)
+        self.unet = MedSegDiffUNet(
+            spatial_dims, in_channels, out_channels, spatial_size, features, norm_num_groups, skip_condition
+        )
         self.noise_scheduler = DDPMScheduler(num_train_timesteps, schedule)
         self.sampler = DDIMScheduler(num_train_timesteps, schedule, clip_sample=True)
         self.num_classes = out_channels
