@@ -10,6 +10,7 @@ through :func:`parse_switches`. Engines and networks are given bools only.
 after it): the checkpoint handling that needs the trainer to exist, then the training itself.
 What can be checked before that is checked in the config's ``initialize``, before anything is
 cached, trained or written: :func:`check_training_cases` and :func:`start_checkpoint`.
+:func:`report_outputs` ends a run by saying where its files went.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from monai.utils import str2bool
 
 from mgrad_net.checkpoints import check_weights, resume_checkpoint
 
-__all__ = ["parse_switches", "check_training_cases", "start_checkpoint", "run_training"]
+__all__ = ["parse_switches", "check_training_cases", "start_checkpoint", "run_training", "report_outputs"]
 
 T = TypeVar("T")
 
@@ -153,3 +154,13 @@ def run_training(
     elif finetune:
         CheckpointLoader(load_path=start_from, load_dict={"model": trainer.network}, map_location=device).attach(trainer)
     trainer.run()
+
+
+def report_outputs(**places: str) -> None:
+    """Print, as a run's last lines, where its outputs are (``name=path``; those that exist).
+
+    ``train.json`` names the weights, the training log and the TensorBoard folder;
+    ``inference.json`` the segmentations' folder."""
+    lines = [f"  {name.replace('_', ' ')}: {os.path.abspath(path)}" for name, path in places.items() if os.path.exists(path)]
+    if lines:
+        print("outputs:\n" + "\n".join(lines), flush=True)

@@ -88,7 +88,7 @@ def test_inference_never_replaces_a_file_it_did_not_write(tmp_path):
     assert written.shape == label.shape
 
 
-def test_the_inference_log_names_the_files_written_not_their_temporaries(tmp_path):
+def test_the_inference_log_names_the_files_written_not_their_temporaries(tmp_path, capsys):
     from monai.data.image_writer import logger as writer_logger
 
     data, out = tmp_path / "data", tmp_path / "out"
@@ -102,6 +102,7 @@ def test_the_inference_log_names_the_files_written_not_their_temporaries(tmp_pat
     finally:
         writer_logger.removeHandler(handler)
     assert records == [f"writing: {out / 'case_seg.nii.gz'}"] and (out / "case_seg.nii.gz").is_file()
+    assert capsys.readouterr().out.splitlines()[-2:] == ["outputs:", f"  segmentations: {out}"]  # the run's last words
 
 
 # ------------------------------------------------------------------------- 2. one output per input
