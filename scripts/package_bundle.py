@@ -1,21 +1,23 @@
 """Build one zip of the bundle that works without this repository or the ``mgrad_net`` package.
 
-    python scripts/package_bundle.py --output dist/mgrad_net_bundle.zip
+    python scripts/package_bundle.py --output dist/cardiac_mri_mgrad_unet_segmentation.zip
 
-The archive holds one folder (``--name``, default ``mgrad_net_bundle``) with the bundle's
-``configs/``, ``docs/``, ``LICENSE`` and ``models/model.pt``, and ``scripts/``: a copy of the
+The archive holds one folder (``--name``, default ``cardiac_mri_mgrad_unet_segmentation``, a model-zoo style name: task and data) with the bundle's
+``configs/``, ``docs/``, ``LICENSE``, ``models/model.pt`` with its ``large_files.yml`` (the model zoo's
+record of the weights: path, url, md5), and ``scripts/``: a copy of the
 ``mgrad_net`` package's Python sources taken now, at packaging time, from the package this
 script imports (so it is never a second copy kept in the repository), plus a ``scripts/__init__.py``
 that puts that copy on ``sys.path``. The packaged configs import ``scripts`` before ``mgrad_net``,
 and the packaged metadata no longer asks for the ``mgrad-net`` distribution.
 
 Run the unpacked bundle from its own folder, as model-zoo bundles are run
-(``cd mgrad_net_bundle && python -m monai.bundle run inference --config_file configs/inference.json``),
+(``cd cardiac_mri_mgrad_unet_segmentation && python -m monai.bundle run inference --config_file configs/inference.json``),
 or put that folder on ``sys.path`` first: that is how ``import scripts`` finds the code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -53,8 +55,22 @@ def packaged_metadata(text: str) -> str:
     return json.dumps(meta, indent=4) + "\n"
 
 
+def large_files_yml(files: dict[str, bytes], url: str) -> str:
+    """The model zoo's ``large_files.yml``: each file's path, download address and md5. The zoo
+    keeps files over 1 MB out of git and fetches them from ``url`` (``{path}`` is replaced by each
+    file's path), checking the hash."""
+    lines = ["large_files:"]
+    for path, data in files.items():
+        lines += [f'  - path: "{path}"', f'    url: "{url.format(path=path)}"',
+                  f'    hash_val: "{hashlib.md5(data).hexdigest()}"', '    hash_type: "md5"']  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def package(
-    output: str = "dist/mgrad_net_bundle.zip", bundle: str = str(REPO / "bundle"), name: str = "mgrad_net_bundle"
+    output: str = "dist/cardiac_mri_mgrad_unet_segmentation.zip",
+    bundle: str = str(REPO / "bundle"),
+    name: str = "cardiac_mri_mgrad_unet_segmentation",
+    weights_url: str = "",
 ) -> str:
     """Write the archive; return its path.
 
@@ -62,6 +78,9 @@ def package(
         output: the zip file to write (atomically: an existing one is replaced only when complete).
         bundle: the bundle folder to package.
         name: the folder the archive unpacks to (the bundle's name for ``monai.bundle.load``).
+        weights_url: where the model zoo downloads the weights from, for ``large_files.yml``
+            (``{path}``: the file's path in the bundle); empty until they are uploaded somewhere,
+            which a warning says (the hashes are written either way).
     """
     src = Path(bundle)
     weights = src / "models" / "model.pt"
@@ -81,6 +100,7 @@ def package(
             entries[f"docs/{path.relative_to(src / 'docs').as_posix()}"] = path.read_bytes()
     entries["LICENSE"] = (src / "LICENSE").read_bytes()
     entries["models/model.pt"] = weights.read_bytes()
+    entries["large_files.yml"] = large_files_yml({"models/model.pt": entries["models/model.pt"]}, weights_url).encode()
     entries["scripts/__init__.py"] = BOOTSTRAP.encode()
     for path in sorted(package_dir.rglob("*.py")):
         entries[f"scripts/mgrad_net/{path.relative_to(package_dir).as_posix()}"] = path.read_bytes()
@@ -90,6 +110,8 @@ def package(
             for arcname, data in entries.items():
                 archive.writestr(f"{name}/{arcname}", data)
     print(f"wrote {output}: {len(entries)} files, {Path(output).stat().st_size / 1e6:.1f} MB")
+    if not weights_url:
+        print("warning: large_files.yml gives no url for the weights: pass --weights_url before submitting to the model zoo")
     return str(output)
 
 

@@ -13,7 +13,10 @@ Checks, in order (each prints PASS or FAIL with its reason; the exit status is t
 5. properties: ``ConfigWorkflow.check_properties()`` for the train and the inference workflow;
 6. net in/out: ``monai.bundle.verify_net_in_out`` on the CPU, shapes from metadata.json;
 7. torchscript: ``monai.bundle.ckpt_export`` of ``models/model.pt``, then the exported file is
-   loaded with ``torch.jit.load`` and run, its output compared with the eager network's.
+   loaded with ``torch.jit.load`` and run, its output compared with the eager network's;
+8. large files: every file ``large_files.yml`` lists exists with its md5 (the archive that
+   ``scripts/package_bundle.py`` writes has one); without that file (this repository keeps the
+   weights in git), the files over 1 MB, which the model zoo would need listed there, are named.
 
 The model zoo's CI runs the network checks on a GPU where it has one; here everything runs on
 the CPU, which is what a user without a GPU gets.
@@ -161,6 +164,28 @@ def check_torchscript(bundle: Path, atol: float = 1e-4) -> str:
     return f"exported, loaded and run; max |TorchScript - eager| = {diff:.1e} at 2x1x96x96 (tolerance {atol:.0e})"
 
 
+def check_large_files(bundle: Path) -> str:
+    import hashlib
+
+    import yaml
+
+    listing = bundle / "large_files.yml"
+    if not listing.is_file():
+        big = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file() and p.stat().st_size > 1_000_000)
+        return f"no large_files.yml; files over 1 MB the model zoo would need listed there: {', '.join(big) or 'none'}"
+    entries = (yaml.safe_load(listing.read_text()) or {}).get("large_files") or []
+    if not entries:
+        raise ValueError(f"{listing} lists no files")
+    for entry in entries:
+        path = bundle / entry["path"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{listing} lists {entry['path']}, which is missing")
+        digest = hashlib.new(entry.get("hash_type", "md5"), path.read_bytes()).hexdigest()
+        if digest != entry["hash_val"]:
+            raise ValueError(f"{entry['path']}: {entry.get('hash_type', 'md5')} {digest}, but {listing} says {entry['hash_val']}")
+    return f"{len(entries)} file(s) of large_files.yml present with their hashes"
+
+
 def verify(bundle: str = "bundle", schema: str | None = None) -> int:
     """Run every check on ``bundle``; print one line each; return (exit with) the number failed.
 
@@ -178,6 +203,7 @@ def verify(bundle: str = "bundle", schema: str | None = None) -> int:
         ("properties", lambda: check_properties(root)),
         ("net in/out", lambda: check_net_in_out(root)),
         ("torchscript", lambda: check_torchscript(root)),
+        ("large files", lambda: check_large_files(root)),
     ]
     failed = 0
     for name, check in checks:

@@ -151,8 +151,8 @@ def test_verify_bundle_script_passes_every_check():
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert len(lines) == 7 and all(line.startswith("PASS") for line in lines), proc.stdout
-    assert "7 of 7 checks passed" in proc.stdout
+    assert len(lines) == 8 and all(line.startswith("PASS") for line in lines), proc.stdout
+    assert "8 of 8 checks passed" in proc.stdout
 
 
 # ---------------------------------------------------------------- one place for the model
