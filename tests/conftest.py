@@ -28,9 +28,14 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     """Start building MONAI Label's venv (minutes of pip) in the background as soon as the run is known
-    to include the MONAI Label test; the test's fixture then finds it built, or waits on its lock."""
-    if not any(item.get_closest_marker("monailabel") for item in session.items):
+    to include the MONAI Label test, or to be followed by it (``MGRAD_MONAILABEL_PREBUILD=1``, as
+    ``.ci/run`` sets); the test's fixture then finds it built, or waits on its lock."""
+    import os
+
+    prebuild = os.environ.get("MGRAD_MONAILABEL_PREBUILD") == "1"
+    if not prebuild and not any(item.get_closest_marker("monailabel") for item in session.items):
         return
+    _MONAILABEL_BUILD["prebuild"] = prebuild
     import subprocess
 
     from tests.test_monailabel import APP, VENV
@@ -48,8 +53,9 @@ def pytest_collection_finish(session):
 
 def pytest_sessionfinish(session, exitstatus):
     proc = _MONAILABEL_BUILD.get("proc")
-    if proc is not None and proc.poll() is None:
-        # the run ended before the test needed it (-x, interrupt): a build without its stamp is redone next time
+    if proc is not None and proc.poll() is None and not _MONAILABEL_BUILD.get("prebuild"):
+        # the run ended before the test needed it (-x, interrupt): a build without its stamp is redone next
+        # time; a prebuild goes on, for the MONAI Label run that follows and waits on its lock
         import os
         import signal
 

@@ -97,6 +97,8 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         env["VIRTUAL_ENV"] = str(VENV)
         env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        # this clone's mgrad_net first, whatever clone last installed itself into the shared venv
+        env["PYTHONPATH"] = str(REPO)
         env.setdefault("OMP_NUM_THREADS", "2")
         cmd = [
             str(VENV / "bin" / "monailabel"), "start_server",
