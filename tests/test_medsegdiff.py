@@ -106,7 +106,7 @@ def test_overfits_a_few_synthetic_slices_with_the_default_steps():
     x, y = _disks()
     trainer = _trainer(net, [{"image": x, "label": y}] * 50)
     dice, steps = 0.0, 0
-    for _ in range(12):
+    for _ in range(50):  # here first above 0.9 after 1,100 steps, 0.97 at 1,500 (about 35 s on 2 cores)
         trainer.run()  # 50 more steps on the same four slices
         steps += trainer.state.iteration
         pred = net.eval()(x).argmax(1, keepdim=True) == 1
