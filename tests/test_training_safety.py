@@ -36,7 +36,8 @@ from tests.bundle_utils import CONFIGS, REPO, bundle_command, config_files, run_
 # one iteration an epoch: two training volumes in a batch of three, one slice each
 SMALL = ["--train#slices_per_volume", "1", "--num_workers", "0"]
 # 240 MB more in the resumable checkpoint: its save takes about a second, a window for the kill
-BALLAST = ["--train#checkpoint_saver#save_dict#ballast", "$torch.nn.Embedding(60000, 1000)"]
+BALLAST = ["--train#checkpoint_saver#save_dict", "$dict(model=@network, optimizer=@optimizer, lr_scheduler=@lr_scheduler, "
+           "trainer=@train#trainer, best=@validate#best_record, ballast=torch.nn.Embedding(60000, 1000))"]  # fmt: skip
 TINY = {"network_def#features": [4, 8, 16, 32, 64], "network_def#decoder_channels": 8, "roi_size": [48, 48]}
 
 
