@@ -24,9 +24,9 @@ import numpy as np
 from monai.data import NibabelWriter
 from monai.data.image_writer import logger as image_writer_logger
 
-from mgrad_net.errors import NoCheckpointError, NoSpaceLeftError
+from mgrad_net.errors import CheckpointError, NoCheckpointError, NoSpaceLeftError
 
-__all__ = ["atomic_path", "is_atomic_leftover", "atomic_write_text", "atomic_write_json", "atomic_save_nifti", "keep_previous", "checkpoints_newest_first", "latest_checkpoint", "no_space_named", "AtomicNibabelWriter"]
+__all__ = ["read_pretrained_state", "atomic_path", "is_atomic_leftover", "atomic_write_text", "atomic_write_json", "atomic_save_nifti", "keep_previous", "checkpoints_newest_first", "latest_checkpoint", "no_space_named", "AtomicNibabelWriter"]
 
 
 @contextmanager
@@ -155,3 +155,27 @@ class AtomicNibabelWriter(NibabelWriter):
             super().write(tmp, verbose=False, **obj_kwargs)
         if verbose:  # the file the user gets, not the temporary one MONAI's writer would name
             image_writer_logger.info(f"writing: {filename}")
+
+
+def read_pretrained_state(path: str | os.PathLike) -> dict:
+    """The state dict in the local weights file ``path`` (a networks' ``pretrained_path``): bare or
+    under ``model`` / ``state_dict``, DistributedDataParallel's ``module.`` prefixes removed.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or holds no state dict.
+    """
+    import torch
+
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise CheckpointError(f"pretrained_path {path!r} is not a file (local weights only: nothing is downloaded).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"pretrained_path {path!r} could not be read as PyTorch weights: {e}") from e
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"pretrained_path {path!r} holds no state dict.")
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}

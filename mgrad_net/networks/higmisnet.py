@@ -23,6 +23,7 @@ from monai.networks.utils import copy_model_state
 from monai.utils import look_up_option
 
 from mgrad_net.errors import CheckpointError
+from mgrad_net.io import read_pretrained_state
 from mgrad_net.networks.higmisnet_blocks import (
     DualModeAttentionGate,
     GateMaps,
@@ -265,19 +266,7 @@ class HiGMISnet(nn.Module):
         Raises:
             CheckpointError: the file is missing or unreadable, or none of its tensors fits.
         """
-        path = os.path.expanduser(str(path))
-        if not os.path.isfile(path):
-            raise CheckpointError(f"pretrained_path {path!r} is not a file (local weights only: nothing is downloaded).")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file
-            raise CheckpointError(f"pretrained_path {path!r} could not be read as PyTorch weights: {e}") from e
-        for key in ("model", "state_dict"):
-            if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-                state = state[key]
-        if not isinstance(state, Mapping):
-            raise CheckpointError(f"pretrained_path {path!r} holds no state dict.")
-        state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+        state = read_pretrained_state(path)
         _, loaded, skipped = copy_model_state(self, state, inplace=True)
         if not loaded:
             raise CheckpointError(f"pretrained_path {path!r}: none of its tensors matches this network by name and shape.")

@@ -30,6 +30,7 @@ from monai.networks.utils import copy_model_state
 from monai.utils import look_up_option
 
 from mgrad_net.errors import CheckpointError
+from mgrad_net.io import read_pretrained_state
 
 __all__ = ["RECA_MODES", "RecAWindowAttention", "RecASwinTransformerBlock", "RecABasicLayer", "SwinUNETRRecA"]
 
@@ -274,19 +275,7 @@ class SwinUNETRRecA(SwinUNETR):
         Raises:
             CheckpointError: the file is missing or unreadable, or none of its tensors fits.
         """
-        path = os.path.expanduser(str(path))
-        if not os.path.isfile(path):
-            raise CheckpointError(f"pretrained_path {path!r} is not a file (local weights only: nothing is downloaded).")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file
-            raise CheckpointError(f"pretrained_path {path!r} could not be read as PyTorch weights: {e}") from e
-        for key in ("model", "state_dict"):
-            if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-                state = state[key]
-        if not isinstance(state, Mapping):
-            raise CheckpointError(f"pretrained_path {path!r} holds no state dict.")
-        state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+        state = read_pretrained_state(path)
         if not any(k.startswith("swinViT.") for k in state):  # the Swin encoder alone
             rename = {".mlp.fc1.": ".mlp.linear1.", ".mlp.fc2.": ".mlp.linear2."}
             for old, new in rename.items():
