@@ -85,3 +85,19 @@ def tmpfs_refusal(folder: Path) -> str | None:
     if probe.returncode != 0:
         return f"cannot mount a private tmpfs (needs root or user namespaces): {probe.stderr.strip()}"
     return None
+
+
+def assert_segmentations_in_inputs_geometry(bundle_root: Path, segs: Path) -> None:
+    """Every test case of the embedded synthetic data has a ``_seg`` label map in ``segs`` with its
+    image's shape and affine and ACDC's labels only."""
+    import nibabel as nib
+    import numpy as np
+
+    synthetic = bundle_root / "data" / "synthetic"
+    for item in json.loads((synthetic / "dataset.json").read_text())["test"]:
+        image = synthetic / item["image"]
+        seg = nib.load(segs / image.name.replace(".nii.gz", "_seg.nii.gz"))
+        img = nib.load(image)
+        assert seg.shape == img.shape
+        np.testing.assert_allclose(seg.affine, img.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 3}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -21,7 +20,7 @@ from mgrad_net.engines import AdversarialStep, FeedbackTrainer, HiGMISnetLoss, S
 from mgrad_net.engines.adversarial import reciprocal_loss, soft_and, soft_or
 from mgrad_net.networks import HiGMISnet
 from mgrad_net.networks.higmisnet_blocks import DualModeAttentionGate, HaarDWT
-from tests.bundle_utils import config_files, run_bundle
+from tests.bundle_utils import assert_segmentations_in_inputs_geometry, config_files, run_bundle
 
 TINY = dict(spatial_dims=2, in_channels=1, features=(4, 8, 8, 16, 16, 24))
 PRESET_PARAMETERS = 1_446_658  # configs/higmisnet.json's two generators, 4 classes
@@ -264,14 +263,7 @@ def test_override_trains_an_epoch_infers_and_resumes_every_optimizer(tmp_path):
 
     configs = ["inference", "higmisnet"]  # merges after inference.json alone (its training hooks are top-level ids)
     run_bundle("inference", configs, tmp_path, *ROI, "--output_dir", str(tmp_path / "segs"), tiny=False)
-    synthetic = tmp_path / "data" / "synthetic"
-    for item in json.loads((synthetic / "dataset.json").read_text())["test"]:
-        image = synthetic / item["image"]
-        seg = nib.load(tmp_path / "segs" / image.name.replace(".nii.gz", "_seg.nii.gz"))
-        img = nib.load(image)
-        assert seg.shape == img.shape
-        np.testing.assert_allclose(seg.affine, img.affine, atol=1e-5)
-        assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 3}
+    assert_segmentations_in_inputs_geometry(tmp_path, tmp_path / "segs")
 
     # --resume, in process: the states the resumed run starts its next epoch with
     parser = ConfigParser()

@@ -3,9 +3,7 @@ override through ``python -m monai.bundle``."""
 
 from __future__ import annotations
 
-import json
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -15,7 +13,7 @@ from monai.networks.utils import one_hot
 from mgrad_net.data import synthetic_disks
 from mgrad_net.engines import FeedbackTrainer, SegmentationDiffusionPrepareBatch
 from mgrad_net.networks import FFParser, MedSegDiff
-from tests.bundle_utils import run_bundle
+from tests.bundle_utils import assert_segmentations_in_inputs_geometry, run_bundle
 
 TINY = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "spatial_size": 32, "features": (8, 16), "norm_num_groups": 4}
 
@@ -157,11 +155,4 @@ def test_override_trains_an_epoch_and_infers_in_the_inputs_geometry(tmp_path):
 
     run_bundle("inference", ["inference", "medsegdiff"], tmp_path, *ROI, "--output_dir", str(tmp_path / "segs"),
                "--network_def#num_inference_steps", "2", tiny=False)  # fmt: skip
-    synthetic = tmp_path / "data" / "synthetic"
-    for item in json.loads((synthetic / "dataset.json").read_text())["test"]:
-        image = synthetic / item["image"]
-        seg = nib.load(tmp_path / "segs" / image.name.replace(".nii.gz", "_seg.nii.gz"))
-        img = nib.load(image)
-        assert seg.shape == img.shape
-        np.testing.assert_allclose(seg.affine, img.affine, atol=1e-5)
-        assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 3}
+    assert_segmentations_in_inputs_geometry(tmp_path, tmp_path / "segs")

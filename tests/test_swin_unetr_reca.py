@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -18,7 +17,7 @@ from mgrad_net.data import synthetic_disks
 from mgrad_net.errors import CheckpointError
 from mgrad_net.networks import SwinUNETRRecA
 from mgrad_net.networks.swin_unetr_reca import RecAWindowAttention
-from tests.bundle_utils import CONFIGS, run_bundle
+from tests.bundle_utils import CONFIGS, assert_segmentations_in_inputs_geometry, run_bundle
 
 # small enough for a CPU test; two blocks per stage, so the memory reaches a second block
 TINY = dict(in_channels=1, out_channels=3, spatial_dims=2, feature_size=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
@@ -170,14 +169,7 @@ def test_override_trains_infers_in_the_inputs_geometry_and_exports(tmp_path, nam
     assert _count(net) == 1_695_806  # the preset the model card states
 
     run_bundle("inference", ["inference", name], tmp_path, *ROI, "--output_dir", str(tmp_path / "segs"), tiny=False)
-    synthetic = tmp_path / "data" / "synthetic"
-    for item in json.loads((synthetic / "dataset.json").read_text())["test"]:
-        image = synthetic / item["image"]
-        seg = nib.load(tmp_path / "segs" / image.name.replace(".nii.gz", "_seg.nii.gz"))
-        img = nib.load(image)
-        assert seg.shape == img.shape
-        np.testing.assert_allclose(seg.affine, img.affine, atol=1e-5)
-        assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 3}
+    assert_segmentations_in_inputs_geometry(tmp_path, tmp_path / "segs")
 
     ts = tmp_path / "model.ts"
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
