@@ -7,7 +7,19 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"checkpoints", "config", "data", "engines", "errors", "handlers", "inference", "io", "losses", "networks", "visualize"}
+_SUBMODULES = {
+    "checkpoints",
+    "config",
+    "data",
+    "engines",
+    "errors",
+    "handlers",
+    "inference",
+    "io",
+    "losses",
+    "networks",
+    "visualize",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -245,7 +245,10 @@ def _preset(settings: Mapping[str, Any], configs_dir: str | os.PathLike | None) 
         except (OSError, ValueError):
             continue
         if isinstance(content, dict) and content.get("network_def#features") == settings["features"]:
-            if content.get("network_def#decoder_channels", settings["decoder_channels"]) == settings["decoder_channels"]:
+            if (
+                content.get("network_def#decoder_channels", settings["decoder_channels"])
+                == settings["decoder_channels"]
+            ):
                 return f"configs/{config.name}"
     return None
 
@@ -262,7 +265,11 @@ def _mismatch(
         return None
     ours, theirs = _mgrad_settings(expected), _mgrad_settings(saved)
     if ours is not None and theirs is not None:
-        changes = [_override(k, theirs[k]) for k in ("features", "decoder_channels", "in_channels", "use_rfb", "side_outputs") if theirs[k] != ours[k]]
+        changes = [
+            _override(k, theirs[k])
+            for k in ("features", "decoder_channels", "in_channels", "use_rfb", "side_outputs")
+            if theirs[k] != ours[k]
+        ]
         hints = []
         if changes:
             preset = _preset(theirs, configs_dir)
@@ -271,11 +278,13 @@ def _mismatch(
             hints.append(f"its {theirs['out_channels']} classes need class_names with {theirs['out_channels']} names")
         return (
             f"{path} holds an MGRAD-UNet with {_describe(theirs)}; this run builds {_describe(ours)}: "
-            + "; ".join(hints or ["the remaining parameters differ"]) + "."
+            + "; ".join(hints or ["the remaining parameters differ"])
+            + "."
         )
     if theirs is not None:
         return (
-            f"{path} holds an MGRAD-UNet with {_describe(theirs)}, but this run builds a {type(_unwrap(network)).__name__}: "
+            f"{path} holds an MGRAD-UNet with {_describe(theirs)}, "
+            f"but this run builds a {type(_unwrap(network)).__name__}: "
             "drop the override of network_def, or give the MGRAD-UNet widths."
         )
     first = next(iter(saved), "nothing")
@@ -284,15 +293,24 @@ def _mismatch(
             f"{path} holds another network than MGRAD-UNet (its parameters are named like {first!r}): give the "
             "config it was trained with (for MONAI's BasicUNet, configs/baseline_basicunet.json)."
         )
-    detail = f"{shapes_differ[0]}: {tuple(saved[shapes_differ[0]].shape)} there, {tuple(expected[shapes_differ[0]].shape)} here" if shapes_differ else f"parameter names differ, e.g. {sorted(set(saved) ^ set(expected))[0]!r}"
+    detail = (
+        f"{shapes_differ[0]}: {tuple(saved[shapes_differ[0]].shape)} there, "
+        f"{tuple(expected[shapes_differ[0]].shape)} here"
+        if shapes_differ
+        else f"parameter names differ, e.g. {sorted(set(saved) ^ set(expected))[0]!r}"
+    )
     return (
-        f"{path} does not fit this run's {type(_unwrap(network)).__name__} ({len(shapes_differ)} shape(s) differ; {detail}): "
+        f"{path} does not fit this run's {type(_unwrap(network)).__name__} "
+        f"({len(shapes_differ)} shape(s) differ; {detail}): "
         "give the network settings it was trained with."
     )
 
 
 def check_weights(
-    path: str | os.PathLike, network: torch.nn.Module, configs_dir: str | os.PathLike | None = None, what: str = "weights"
+    path: str | os.PathLike,
+    network: torch.nn.Module,
+    configs_dir: str | os.PathLike | None = None,
+    what: str = "weights",
 ) -> str:
     """Check, before a run starts, that ``path`` loads into ``network`` as ``CheckpointLoader``
     with ``load_dict={"model": network}`` will load it (its ``"model"`` entry, or the whole file
@@ -312,7 +330,11 @@ def check_weights(
     """
     state = load_checkpoint(path, what)
     saved = state["model"] if "model" in state else state
-    problem = _mismatch(Path(path), saved, network, configs_dir) if isinstance(saved, Mapping) else f"{path} holds no state dict."
+    problem = (
+        _mismatch(Path(path), saved, network, configs_dir)
+        if isinstance(saved, Mapping)
+        else f"{path} holds no state dict."
+    )
     if problem:
         raise CheckpointError(problem)
     return str(path)

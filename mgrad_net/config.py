@@ -78,8 +78,14 @@ def check_training_cases(items: Sequence[dict], dataset_dir: str | os.PathLike, 
     from mgrad_net.data.validation import DataValidationError
 
     if not items:
-        where = datalist if Path(datalist).expanduser().is_file() else f"{dataset_dir} (its training/ folder or the folder itself)"
-        raise DataValidationError(f"no training cases in {where}: its 'training' section is empty; nothing was trained or written.")
+        where = (
+            datalist
+            if Path(datalist).expanduser().is_file()
+            else f"{dataset_dir} (its training/ folder or the folder itself)"
+        )
+        raise DataValidationError(
+            f"no training cases in {where}: its 'training' section is empty; nothing was trained or written."
+        )
     return len(items)
 
 
@@ -152,7 +158,9 @@ def run_training(
     if resume:
         CheckpointLoader(load_path=start_from, load_dict=saver.save_dict, map_location=device).attach(trainer)
     elif finetune:
-        CheckpointLoader(load_path=start_from, load_dict={"model": trainer.network}, map_location=device).attach(trainer)
+        CheckpointLoader(load_path=start_from, load_dict={"model": trainer.network}, map_location=device).attach(
+            trainer
+        )
     trainer.run()
 
 
@@ -161,6 +169,8 @@ def report_outputs(**places: str) -> None:
 
     ``train.json`` names the weights, the training log and the TensorBoard folder;
     ``inference.json`` the segmentations' folder."""
-    lines = [f"  {name.replace('_', ' ')}: {os.path.abspath(path)}" for name, path in places.items() if os.path.exists(path)]
+    lines = [
+        f"  {name.replace('_', ' ')}: {os.path.abspath(path)}" for name, path in places.items() if os.path.exists(path)
+    ]
     if lines:
         print("outputs:\n" + "\n".join(lines), flush=True)

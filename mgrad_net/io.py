@@ -26,7 +26,19 @@ from monai.data.image_writer import logger as image_writer_logger
 
 from mgrad_net.errors import CheckpointError, NoCheckpointError, NoSpaceLeftError
 
-__all__ = ["read_pretrained_state", "atomic_path", "is_atomic_leftover", "atomic_write_text", "atomic_write_json", "atomic_save_nifti", "keep_previous", "checkpoints_newest_first", "latest_checkpoint", "no_space_named", "AtomicNibabelWriter"]
+__all__ = [
+    "read_pretrained_state",
+    "atomic_path",
+    "is_atomic_leftover",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_save_nifti",
+    "keep_previous",
+    "checkpoints_newest_first",
+    "latest_checkpoint",
+    "no_space_named",
+    "AtomicNibabelWriter",
+]
 
 
 @contextmanager
@@ -109,7 +121,9 @@ def keep_previous(path: str | os.PathLike) -> Path | None:
     if not kept.exists():
         with atomic_path(kept) as tmp:
             shutil.copy2(path, tmp)
-    logging.getLogger("mgrad_net").warning("%s will be replaced by this run; the previous file is kept as %s", path, kept)
+    logging.getLogger("mgrad_net").warning(
+        "%s will be replaced by this run; the previous file is kept as %s", path, kept
+    )
     return kept
 
 

@@ -80,7 +80,9 @@ def _seconds(fn, dev) -> float:
     return _now(dev) - start
 
 
-def _network(net: str, classes: int, dev, preset: bool = False, checkpointing: str = "none", channels_last: bool = False):
+def _network(
+    net: str, classes: int, dev, preset: bool = False, checkpointing: str = "none", channels_last: bool = False
+):
     """``"basicunet"``, or else MGRAD-UNet; full size or the CPU preset."""
     import torch
     from monai.networks.nets import BasicUNet
@@ -121,7 +123,9 @@ def measure_peak(device: str | None = None, n: int = 2048, repeats: int = 10) ->
         machine, bf16 = torch.cuda.get_device_name(dev), torch.cuda.is_bf16_supported()
     else:
         with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+            name = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor()
+            )
         machine = f"{name}, {os.cpu_count()} cores, ATen {torch.backends.cpu.get_cpu_capability()}"
         # native bf16 instructions (AVX512-BF16, AMX), the configs' amp default; without them bf16 is emulated
         from mgrad_net.engines import native_mixed_precision
@@ -188,7 +192,8 @@ def measure_train(
     model = _network(net, classes, dev, preset, checkpointing, channels_last).train()
     trainer = FeedbackTrainer(
         device=dev, max_epochs=1, network=model, loss_function=loss, feedback_passes=passes,
-        train_data_loader=DataLoader([{"image": i, "label": t} for i, t in zip(image, label)] * steps, batch_size=batch),
+        train_data_loader=DataLoader([{"image": i, "label": t} for i, t in zip(image, label)] * steps,
+                                     batch_size=batch),
         optimizer=torch.optim.AdamW(model.parameters(), 1e-4, weight_decay=1e-4),
         amp=bool(amp), amp_kwargs={"dtype": getattr(torch, amp)} if amp else None,
     )  # fmt: skip
@@ -208,7 +213,9 @@ def measure_train(
     }  # fmt: skip
 
 
-def measure_infer3d(volume: str, size: int = 224, device: str | None = None, sw_batch_size: int = 8, network: str = "full") -> dict:
+def measure_infer3d(
+    volume: str, size: int = 224, device: str | None = None, sw_batch_size: int = 8, network: str = "full"
+) -> dict:
     """The bundle's inference config, end to end, on a synthetic CT-like (``"ct"``) or an ACDC
     volume; ``network="full"`` merges ``full_size.json`` and infers at ``size``², ``"default"``
     runs what ``inference.json`` alone runs (the CPU preset at its own ROI size)."""
@@ -233,7 +240,11 @@ def measure_infer3d(volume: str, size: int = 224, device: str | None = None, sw_
     parser = ConfigParser()
     parser.read_config(configs)
     torch.save(parser.get_parsed_content("network_def").state_dict(), work / "model.pt")
-    parser["bundle_root"], parser["ckpt_path"], parser["output_dir"] = str(work), str(work / "model.pt"), str(work / "out")
+    parser["bundle_root"], parser["ckpt_path"], parser["output_dir"] = (
+        str(work),
+        str(work / "model.pt"),
+        str(work / "out"),
+    )
     parser["device"] = f"$torch.device('{dev}')"
     if network == "full":
         parser["roi_size"] = [size, size]
@@ -265,7 +276,9 @@ def _run(kind: str, env: dict, **kwargs) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _rounds(kind: str, configs: dict[str, dict], rounds: int, env: dict, peaks: list, key: str, **dev) -> dict[str, dict]:
+def _rounds(
+    kind: str, configs: dict[str, dict], rounds: int, env: dict, peaks: list, key: str, **dev
+) -> dict[str, dict]:
     """Each configuration once per round, the rounds interleaved (the machine's speed drifts by
     10-30 % over minutes) and the peak measured again in each; per configuration the round with
     the smallest ``key``, with ``worst`` (the largest) beside it and every round under ``rounds``."""
@@ -284,7 +297,11 @@ def _rounds(kind: str, configs: dict[str, dict], rounds: int, env: dict, peaks: 
 
 def _table(title: str, head: list[str], rows: list[list]) -> list[str]:
     """A Markdown table under its title, and an empty line."""
-    return [title, *("| " + " | ".join(str(c) for c in cells) + " |" for cells in [head, ["---"] * len(head), *rows]), ""]
+    return [
+        title,
+        *("| " + " | ".join(str(c) for c in cells) + " |" for cells in [head, ["---"] * len(head), *rows]),
+        "",
+    ]
 
 
 def main(
@@ -330,14 +347,17 @@ def main(
             (n, b): {"net": n.split()[0], "batch": b, "window": batch, "size": size, "classes": classes, **kw}
             for b in dict.fromkeys((1, batch)) for n, kw in nets.items()
         }  # fmt: skip
-        res = _rounds("eval", {f"{n}/b{b}": kw for (n, b), kw in configs.items()}, rounds, env, peaks, "s_per_slice", **dev)
+        res = _rounds(
+            "eval", {f"{n}/b{b}": kw for (n, b), kw in configs.items()}, rounds, env, peaks, "s_per_slice", **dev
+        )
         results["eval"] = res
         mg, bu = res["plain/b1"], res["basicunet/b1"]
         if "params" in mg and "params" in bu:
             cells = [("parameters", "params", 1, ",.0f"), ("GFLOPs per slice", "flops_per_slice", 1e9, ".1f")]
             lines += _table(
                 f"Size, {size}x{size} slices, {classes} classes", ["", "MGRAD-UNet", "BasicUNet (matched)", "ratio"],
-                [[label, format(mg[k] / d, f), format(bu[k] / d, f), f"{mg[k] / bu[k]:.2f}"] for label, k, d, f in cells],
+                [[label, format(mg[k] / d, f), format(bu[k] / d, f), f"{mg[k] / bu[k]:.2f}"]
+                 for label, k, d, f in cells],
             )  # fmt: skip
         rows = []
         for n, b in configs:
@@ -349,7 +369,8 @@ def main(
             ms = (f"{r[k] * 1e3:.0f}" for k in ("s_per_slice", "worst"))
             rows.append([n, b, *ms, f"{gf:.0f}", f"{100 * gf / peak():.0f}%", f"{r['s_per_slice'] / base:.2f}"])
         lines += _table(
-            f"Eval forward, {size}x{size}, {classes} classes, best of {rounds} round(s); plain: as trained, optimized: as the bundle infers; bf16: autocast, against BasicUNet in bf16",
+            f"Eval forward, {size}x{size}, {classes} classes, best of {rounds} round(s); plain: as trained, "
+            "optimized: as the bundle infers; bf16: autocast, against BasicUNet in bf16",
             ["network", "batch", "ms/slice", "worst round", "GFLOP/s", "% of peak", "vs BasicUNet"], rows,
         )  # fmt: skip
 
@@ -361,35 +382,73 @@ def main(
                 continue
             base = res[yardstick(name)].get("seconds", float("nan"))
             rows.append([name, *(f"{r[k]:.2f}" for k in ("seconds", "worst", "first_seconds", "slice_passes_per_s")),
-                         f"{r['gflops']:.0f}", f"{100 * r['gflops'] / peak():.0f}%", f"{r['peak_gb']:.2f}", f"{r['seconds'] / base:.2f}"])  # fmt: skip
-        head = ["network", "step (s)", "worst round (s)", "first step (s)", "slice-passes/s", "GFLOP/s", "% of peak", "peak memory (GB)", "vs BasicUNet"]
+                         f"{r['gflops']:.0f}", f"{100 * r['gflops'] / peak():.0f}%", f"{r['peak_gb']:.2f}",
+                         f"{r['seconds'] / base:.2f}"])  # fmt: skip
+        head = [
+            "network",
+            "step (s)",
+            "worst round (s)",
+            "first step (s)",
+            "slice-passes/s",
+            "GFLOP/s",
+            "% of peak",
+            "peak memory (GB)",
+            "vs BasicUNet",
+        ]
         return _table(title, head, rows)
 
     if "train" in chosen:
         basic = f"BasicUNet, {passes} plain steps"
-        configs = {"MGRAD-UNet, checkpointing none": {}, "MGRAD-UNet, checkpointing full": {"checkpointing": "full"}, basic: {"net": "basicunet"}}
+        configs = {
+            "MGRAD-UNet, checkpointing none": {},
+            "MGRAD-UNet, checkpointing full": {"checkpointing": "full"},
+            basic: {"net": "basicunet"},
+        }
         common = {"net": "mgrad", "batch": batch, "size": size, "classes": classes, "passes": passes}
-        res = results["train"] = _rounds("train", {n: {**common, **kw} for n, kw in configs.items()}, 1, env, peaks, "seconds", **dev)
+        res = results["train"] = _rounds(
+            "train", {n: {**common, **kw} for n, kw in configs.items()}, 1, env, peaks, "seconds", **dev
+        )
         lines += train_table(
-            f"Training step, FeedbackTrainer, {passes} passes (BasicUNet: {passes} plain steps), batch {batch}, {size}x{size}, {classes} classes; the step after a warm-up step",
+            f"Training step, FeedbackTrainer, {passes} passes (BasicUNet: {passes} plain steps), batch {batch}, "
+            f"{size}x{size}, {classes} classes; the step after a warm-up step",
             res, lambda _: basic,
         )  # fmt: skip
 
     if "throughput" in chosen:
         psize = preset_size or min(128, size)
-        common = {"batch": preset_batch, "size": psize, "classes": PRESET_CLASSES, "passes": passes, "preset": True, "steps": 4}
-        variants = {"": {}, ", channels-last": {"channels_last": True}, **({", bf16 autocast": {"amp": "bfloat16"}} if bf16 else {})}
-        configs = {f"{n}{v}": {"net": n.lower(), **common, **kw} for v, kw in variants.items() for n in ("MGRAD-UNet", "BasicUNet")}
+        common = {
+            "batch": preset_batch,
+            "size": psize,
+            "classes": PRESET_CLASSES,
+            "passes": passes,
+            "preset": True,
+            "steps": 4,
+        }
+        variants = {
+            "": {},
+            ", channels-last": {"channels_last": True},
+            **({", bf16 autocast": {"amp": "bfloat16"}} if bf16 else {}),
+        }
+        configs = {
+            f"{n}{v}": {"net": n.lower(), **common, **kw}
+            for v, kw in variants.items()
+            for n in ("MGRAD-UNet", "BasicUNet")
+        }
         res = results["throughput"] = _rounds("train", configs, rounds, env, peaks, "seconds", **dev)
         lines += train_table(
-            f"Training throughput, the CPU preset (features {PRESET['features']}, decoder {PRESET['decoder_channels']}) beside BasicUNet {PRESET_BASIC_FEATURES}, FeedbackTrainer, {passes} passes, batch {preset_batch}, {psize}x{psize}, {PRESET_CLASSES} classes; median of 3 steps after a warm-up, best of {rounds} round(s); % of the fp32 peak",
+            f"Training throughput, the CPU preset (features {PRESET['features']}, "
+            f"decoder {PRESET['decoder_channels']}) beside BasicUNet {PRESET_BASIC_FEATURES}, FeedbackTrainer, "
+            f"{passes} passes, batch {preset_batch}, {psize}x{psize}, {PRESET_CLASSES} classes; "
+            f"median of 3 steps after a warm-up, best of {rounds} round(s); % of the fp32 peak",
             res, lambda name: name.replace("MGRAD-UNet", "BasicUNet"),
         )  # fmt: skip
 
     if "infer3d" in chosen:
         rows = []
         for network, vol in (("full", "ct"), ("full", "acdc"), ("default", "ct"), ("default", "acdc")):
-            r = results[f"infer3d/{network}/{vol}"] = _run("infer3d", env, volume=vol, size=size, network=network, **dev)
+            r = results[f"infer3d/{network}/{vol}"] = _run(
+                "infer3d", env, volume=vol, size=size, network=network, **dev
+            )
             print(f"measured infer3d {network} {vol}", file=sys.stderr, flush=True)
             if "slices" not in r:
                 rows.append([network, vol, r.get("error") or r.get("skipped"), "", "", "", ""])
@@ -397,13 +456,18 @@ def main(
             rows.append([network, vol, r["slices"], f"{r['slices_per_s']:.2f}", f"{100 * r['outside_share']:.1f}%",
                          f"{r['seconds']:.1f}", f"{r['peak_gb']:.2f}"])  # fmt: skip
         lines += _table(
-            f"3D inference through the bundle (random weights; full: full_size.json at {size}x{size}, default: the CPU preset at 128x128)",
+            f"3D inference through the bundle (random weights; full: full_size.json at {size}x{size}, "
+            "default: the CPU preset at 128x128)",
             ["network", "volume", "slices", "slices/s", "outside forward", "seconds", "peak memory (GB)"], rows,
         )  # fmt: skip
 
     nan = float("nan")
-    print(f"machine: {facts.get('machine', '?')}, native bf16: {'yes' if bf16 else 'no'}, THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}")
-    print(f"fp32 matmul peak: {peak():.0f} GFLOP/s, best of {len(peaks)} (first: torch.mm {facts.get('mm_gflops', nan):.0f}, "
+    print(
+        f"machine: {facts.get('machine', '?')}, native bf16: {'yes' if bf16 else 'no'}, "
+        f"THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}"
+    )
+    print(f"fp32 matmul peak: {peak():.0f} GFLOP/s, best of {len(peaks)} "
+          f"(first: torch.mm {facts.get('mm_gflops', nan):.0f}, "
           f"as a oneDNN 1x1 convolution {facts.get('conv1x1_gflops', nan):.0f})\n")  # fmt: skip
     print("\n".join(lines))
     if json_out:
@@ -417,4 +481,9 @@ if __name__ == "__main__":
     def printed(fn):
         return lambda **kwargs: print(json.dumps(fn(**kwargs)))
 
-    fire.Fire({"main": main, **{fn.__name__: printed(fn) for fn in (measure_peak, measure_eval, measure_train, measure_infer3d)}})
+    fire.Fire(
+        {
+            "main": main,
+            **{fn.__name__: printed(fn) for fn in (measure_peak, measure_eval, measure_train, measure_infer3d)},
+        }
+    )

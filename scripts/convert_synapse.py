@@ -64,9 +64,7 @@ def _h5py() -> Any:
     try:
         import h5py
     except ImportError as e:
-        raise ImportError(
-            "reading Synapse test volumes (test_vol_h5/*.npy.h5) needs h5py: pip install h5py"
-        ) from e
+        raise ImportError("reading Synapse test volumes (test_vol_h5/*.npy.h5) needs h5py: pip install h5py") from e
     return h5py
 
 

@@ -47,7 +47,9 @@ def _run(cmd: list[str], out: Path, stdout: Path | None = None) -> None:
         with stdout.open("w") as f:
             proc = subprocess.run(cmd, cwd=BUNDLE, stdout=f)
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd[2] if cmd[1] == '-m' else Path(cmd[1]).name} failed (exit {proc.returncode}): {shlex.join(cmd)}")
+        raise SystemExit(
+            f"{cmd[2] if cmd[1] == '-m' else Path(cmd[1]).name} failed (exit {proc.returncode}): {shlex.join(cmd)}"
+        )
 
 
 def main(
@@ -83,7 +85,12 @@ def main(
             raise SystemExit(f"no config {path}: --configs names files in {BUNDLE / 'configs'}")
 
     if benchmark:
-        bench = [sys.executable, str(REPO / "scripts" / "benchmark.py"), *shlex.split(benchmark), f"--json_out={out / 'benchmark.json'}"]
+        bench = [
+            sys.executable,
+            str(REPO / "scripts" / "benchmark.py"),
+            *shlex.split(benchmark),
+            f"--json_out={out / 'benchmark.json'}",
+        ]
         _run(bench, out, stdout=out / "benchmark.md")
 
     train = [sys.executable, "-m", "monai.bundle", "run", "training",
@@ -96,11 +103,23 @@ def main(
     _run(train, out)
 
     summary = evaluate([*names], dataset_dir, out / "evaluation", "validation", log=out / "commands.txt",
-                       extra=["--ckpt_path", str(out / "model.pt"), "--amp", str(amp).lower(), *shlex.split(overrides)])  # fmt: skip
+                       extra=["--ckpt_path", str(out / "model.pt"), "--amp", str(amp).lower(),
+                              *shlex.split(overrides)])  # fmt: skip
     mean, per_class = summary["mean"], summary["per_class"]
     dice = " / ".join(_fmt(per_class[c]["dice"]) for c in ("right ventricle", "myocardium", "left ventricle"))
-    cells = [f"MGRAD-UNet ({', '.join(names)}), {minutes:g} min", dice, _fmt(mean["dice"]), _fmt(mean["iou"]), _fmt(mean["hd95"], 2), _fmt(mean["asd"], 2)]
-    text = "| model | Dice RV / Myo / LV | Dice mean | IoU mean | HD95 (vox) | ASD (vox) |\n|---|---|---|---|---|---|\n| " + " | ".join(cells) + " |\n"
+    cells = [
+        f"MGRAD-UNet ({', '.join(names)}), {minutes:g} min",
+        dice,
+        _fmt(mean["dice"]),
+        _fmt(mean["iou"]),
+        _fmt(mean["hd95"], 2),
+        _fmt(mean["asd"], 2),
+    ]
+    text = (
+        "| model | Dice RV / Myo / LV | Dice mean | IoU mean | HD95 (vox) | ASD (vox) |\n|---|---|---|---|---|---|\n| "
+        + " | ".join(cells)
+        + " |\n"
+    )
     (out / "evaluation.md").write_text(text)
     print(text)
 

@@ -25,7 +25,8 @@ def _log(path, rows, fields):
 def test_minutes_add_up_over_stages_validation_excluded_where_logged(tmp_path):
     # stage 1: an older log, wall seconds only; stage 2: train_seconds beside the wall time
     old = _log(tmp_path / "stage1.csv", [{"epoch": 1, "seconds": 600, "val_mean_dice": 0.80},
-                                         {"epoch": 2, "seconds": 600, "val_mean_dice": 0.86}], ["epoch", "seconds", "val_mean_dice"])  # fmt: skip
+                                         {"epoch": 2, "seconds": 600, "val_mean_dice": 0.86}],
+               ["epoch", "seconds", "val_mean_dice"])  # fmt: skip
     new = _log(tmp_path / "stage2.csv", [{"epoch": 1, "seconds": 400, "train_seconds": 300, "val_mean_dice": ""},
                                          {"epoch": 2, "seconds": 400, "train_seconds": 300, "val_mean_dice": 0.91}],
                ["epoch", "seconds", "train_seconds", "val_mean_dice"])  # fmt: skip

@@ -161,7 +161,11 @@ def test_the_bundle_trains_with_every_switch_given_as_text(tmp_path, tiny_data):
     assert len(trainer.network.side.convs) == 0 and trainer.network.channels_last is True
     steps = [type(t).__name__ for t in workflow.parser.get_parsed_content("train#preprocessing").transforms]
     assert "RandSpatialCropSamplesd" in steps and "RandCropByPosNegLabeld" not in steps
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".training.lock", "checkpoint_epoch=1.pt", "model.pt"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        ".training.lock",
+        "checkpoint_epoch=1.pt",
+        "model.pt",
+    ]
 
     # --resume true (lower case, as typed) continues from epoch 1's checkpoint
     workflow = _train(tmp_path, tiny_data, max_epochs=2, resume="true", **net)

@@ -139,8 +139,12 @@ def test_without_info_cfg_every_frame_file_is_converted(tmp_path):
     _patient(root / "training", 2, es=9, info=False)
     acdc.main(str(root), str(tmp_path / "out"), val_patients=0)
     images = {Path(e["image"]).name for e in json.loads((tmp_path / "out" / "dataset.json").read_text())["training"]}
-    assert images == {"patient001_frame01.nii.gz", "patient001_frame07.nii.gz",
-                      "patient002_frame01.nii.gz", "patient002_frame09.nii.gz"}
+    assert images == {
+        "patient001_frame01.nii.gz",
+        "patient001_frame07.nii.gz",
+        "patient002_frame01.nii.gz",
+        "patient002_frame09.nii.gz",
+    }
 
 
 def test_interrupted_run_leaves_no_datalist_and_no_temporary_files(tmp_path, monkeypatch):

@@ -87,8 +87,15 @@ def test_volumes_stack_slices_along_the_last_axis_and_monai_loads_every_split(tm
 
     data = json.loads(datalist.read_text())
     assert data["labels"] == {
-        "0": "background", "1": "aorta", "2": "gallbladder", "3": "left kidney", "4": "right kidney",
-        "5": "liver", "6": "pancreas", "7": "spleen", "8": "stomach",
+        "0": "background",
+        "1": "aorta",
+        "2": "gallbladder",
+        "3": "left kidney",
+        "4": "right kidney",
+        "5": "liver",
+        "6": "pancreas",
+        "7": "spleen",
+        "8": "stomach",
     }
     assert data["test"][0] == {"image": "images/case0001.nii.gz", "label": "labels/case0001_gt.nii.gz"}
     assert not [p for p in out.rglob(".*")]  # no temporary files left behind
@@ -214,8 +221,17 @@ def _misnamed_npz(root: Path) -> str:
 @pytest.mark.parametrize(
     "damage",
     [
-        _missing_slice, _no_label_array, _garbage_npz, _npy_not_npz, _slice_shape_differs, _label_shape_differs,
-        _bad_label_values, _h5_without_label, _garbage_h5, _h5_label_out_of_range, _misnamed_npz,
+        _missing_slice,
+        _no_label_array,
+        _garbage_npz,
+        _npy_not_npz,
+        _slice_shape_differs,
+        _label_shape_differs,
+        _bad_label_values,
+        _h5_without_label,
+        _garbage_h5,
+        _h5_label_out_of_range,
+        _misnamed_npz,
     ],
 )
 def test_bad_input_names_the_file_and_what_is_wrong(tmp_path, damage):

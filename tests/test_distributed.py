@@ -25,11 +25,13 @@ pytestmark = pytest.mark.distributed
 RECORD = {
     "train#seen": "$[]",
     "run": [
-        "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED, lambda e: @train#seen.extend(str(i['image'].meta['filename_or_obj']) for i in e.state.batch))",
+        "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED, "
+        "lambda e: @train#seen.extend(str(i['image'].meta['filename_or_obj']) for i in e.state.batch))",
         "$mgrad_net.config.run_training(@train#trainer, @train#checkpoint_saver)",
     ],
     "finalize": [
-        "$torch.save({'params': @network.module.state_dict(), 'seen': @train#seen}, @output_dir + '/rank' + str(dist.get_rank()) + '.pt')",
+        "$torch.save({'params': @network.module.state_dict(), 'seen': @train#seen}, "
+        "@output_dir + '/rank' + str(dist.get_rank()) + '.pt')",
         "$dist.is_initialized() and dist.destroy_process_group()",
     ],
 }  # fmt: skip
@@ -59,7 +61,11 @@ def test_torchrun_two_cpu_processes_train_the_bundle_in_lockstep(tmp_path):
     for name, p0 in ranks[0]["params"].items():
         torch.testing.assert_close(p0, ranks[1]["params"][name], rtol=0, atol=0, msg=name)
     # one checkpoint set, written by rank 0
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".training.lock", "checkpoint_epoch=1.pt", "model.pt"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        ".training.lock",
+        "checkpoint_epoch=1.pt",
+        "model.pt",
+    ]
     print("per-rank volumes:", [sorted(os.path.basename(s) for s in x) for x in seen])
 
 
@@ -71,7 +77,10 @@ def _net() -> MGRADUNet:
 
 def _data(n: int) -> list[dict]:
     g = torch.Generator().manual_seed(1)
-    return [{"image": torch.randn(1, 32, 32, generator=g), "label": torch.randint(0, 3, (1, 32, 32), generator=g)} for _ in range(n)]
+    return [
+        {"image": torch.randn(1, 32, 32, generator=g), "label": torch.randint(0, 3, (1, 32, 32), generator=g)}
+        for _ in range(n)
+    ]
 
 
 def _train(net, data, passes):

@@ -180,7 +180,6 @@ def test_compile_switch_trains_the_compiled_network():
     _assert_two_passes_train(compile=True)
 
 
-
 def _budgeted_run(budget_in_first_epochs, slow_down=False, epochs=10):
     """A real trainer under a ``TrainingBudget`` and a polynomial LR schedule, as train.json wires
     them. The budget is ``budget_in_first_epochs`` times the first epoch's measured time (set as
@@ -204,7 +203,12 @@ def _budgeted_run(budget_in_first_epochs, slow_down=False, epochs=10):
     budget.attach(trainer)
     LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
     if slow_down:
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: e.state.epoch > 1 and e.state.iteration % e.state.epoch_length == 1 and time.sleep(budget.seconds))
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED,
+            lambda e: (
+                e.state.epoch > 1 and e.state.iteration % e.state.epoch_length == 1 and time.sleep(budget.seconds)
+            ),
+        )
     trainer.run()
     return trainer, scheduler
 
@@ -238,7 +242,9 @@ def test_evaluator_autocast_runs_the_forward_in_bf16_on_a_cpu_and_hands_float32_
     net.encoder[0].register_forward_hook(lambda m, a, out: inside.append(out.dtype))
     seen = []  # the prediction postprocessing receives
     post = Compose([lambda d: seen.append(d["pred"].dtype) or d])
-    evaluator = SupervisedEvaluator(device=CPU, val_data_loader=_loader(count=2, batch_size=1), network=net, postprocessing=post)
+    evaluator = SupervisedEvaluator(
+        device=CPU, val_data_loader=_loader(count=2, batch_size=1), network=net, postprocessing=post
+    )
     EvaluatorAutocast(CPU, enabled).attach(evaluator)
     evaluator.run()
     assert inside == [torch.bfloat16 if enabled else torch.float32] * 2

@@ -46,7 +46,9 @@ def test_report_writes_rows_per_case_and_class_and_counts_undefined_values(tmp_p
         device=torch.device("cpu"),
         val_data_loader=DataLoader(cases, batch_size=2),
         network=_Background(),
-        postprocessing=Compose([AsDiscreted(keys="pred", argmax=True, to_onehot=3), AsDiscreted(keys="label", to_onehot=3)]),
+        postprocessing=Compose(
+            [AsDiscreted(keys="pred", argmax=True, to_onehot=3), AsDiscreted(keys="label", to_onehot=3)]
+        ),
         key_val_metric={"dice": MeanDice(include_background=False, output_transform=pl)},
         additional_metrics={"hd95": HausdorffDistance(include_background=False, percentile=95, output_transform=pl)},
         val_handlers=[SegmentationReport(str(tmp_path), ["fat", "liver"], {"dice": "dice", "hd95": "hd95"})],

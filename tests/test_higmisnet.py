@@ -28,7 +28,9 @@ PRESET_PARAMETERS = 1_446_658  # configs/higmisnet.json's two generators, 4 clas
 
 def _disks(count: int = 4, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     items = synthetic_disks(count, size=size, seed=seed)
-    return torch.from_numpy(np.stack([i["image"] for i in items])), torch.from_numpy(np.stack([i["label"] for i in items]))
+    return torch.from_numpy(np.stack([i["image"] for i in items])), torch.from_numpy(
+        np.stack([i["label"] for i in items])
+    )
 
 
 def _gan(classes: int = 2, lr: float = 1e-3, d_lr: float = 1e-4, **kwargs):
@@ -177,7 +179,10 @@ def test_reciprocal_term_is_differentiable_and_reaches_both_generators():
 def test_one_adversarial_step_changes_discriminators_and_generators():
     net, ds, opts = _gan()
     x, y = _disks(2)
-    before = {name: _snapshot(m) for name, m in [("fg", net.foreground), ("bg", net.background), ("d_fg", ds[0]), ("d_bg", ds[1])]}
+    before = {
+        name: _snapshot(m)
+        for name, m in [("fg", net.foreground), ("bg", net.background), ("d_fg", ds[0]), ("d_bg", ds[1])]
+    }
     trainer = _trainer(net, ds, opts, x, y)
     trainer.run()
     for name, module in [("fg", net.foreground), ("bg", net.background), ("d_fg", ds[0]), ("d_bg", ds[1])]:
@@ -224,8 +229,8 @@ def test_scheduler_group_steps_saves_and_resizes_all():
 # ---------------------------------------------------------------- the bundle override
 
 ROI = ["--roi_size", "[64,64]"]
-GAN_KEYS = ("model", "optimizer", "optimizer_bg", "discriminator_fg", "discriminator_bg", "optimizer_d_fg", "optimizer_d_bg",
-            "lr_scheduler", "trainer", "best")  # fmt: skip
+GAN_KEYS = ("model", "optimizer", "optimizer_bg", "discriminator_fg", "discriminator_bg", "optimizer_d_fg",
+            "optimizer_d_bg", "lr_scheduler", "trainer", "best")  # fmt: skip
 OPTIMIZERS = ("optimizer", "optimizer_bg", "optimizer_d_fg", "optimizer_d_bg")
 
 
@@ -243,21 +248,25 @@ def test_override_trains_an_epoch_infers_and_resumes_every_optimizer(tmp_path):
     """One epoch of the adversarial training on the embedded synthetic data through
     ``python -m monai.bundle``, evaluation, inference in the inputs' geometry, then ``--resume``:
     every network, optimizer and the schedule come back as saved."""
-    run_bundle("training", ["train", "higmisnet"], tmp_path, *ROI, "--max_epochs", "1", "--train#slices_per_volume", "2",
-               tiny=False)  # fmt: skip
+    run_bundle("training", ["train", "higmisnet"], tmp_path, *ROI, "--max_epochs", "1",
+               "--train#slices_per_volume", "2", tiny=False)  # fmt: skip
     ckpt_dir = tmp_path / "models" / "higmisnet"
     weights = ckpt_dir / "model.pt"
     assert weights.is_file() and not (tmp_path / "models" / "model.pt").exists()  # its own folder
     net = HiGMISnet(2, 1, 4, features=(6, 12, 24, 48, 72, 144)).eval()
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     assert sum(p.numel() for p in net.parameters()) == PRESET_PARAMETERS  # the preset the config states
-    saved = torch.load(ckpt_dir / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=True)  # plain tensors and numbers
+    saved = torch.load(
+        ckpt_dir / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=True
+    )  # plain tensors and numbers
     assert set(saved) == set(GAN_KEYS)
     assert all(saved[k]["state"] for k in OPTIMIZERS)  # every optimizer has stepped and is saved
     log = (tmp_path / "eval" / "higmisnet" / "training_log.csv").read_text().splitlines()
     assert len(log) == 2 and log[0].startswith("epoch")
 
-    run_bundle("evaluating", ["train", "evaluate", "higmisnet"], tmp_path, *ROI, tiny=False)  # as compare_models.py runs it
+    run_bundle(
+        "evaluating", ["train", "evaluate", "higmisnet"], tmp_path, *ROI, tiny=False
+    )  # as compare_models.py runs it
     summary = json.loads((tmp_path / "eval" / "higmisnet" / "summary.json").read_text())
     assert 0 <= summary["mean"]["dice"] <= 1
 
@@ -268,10 +277,20 @@ def test_override_trains_an_epoch_infers_and_resumes_every_optimizer(tmp_path):
     # --resume, in process: the states the resumed run starts its next epoch with
     parser = ConfigParser()
     parser.read_config(config_files("train", "higmisnet"))
-    parser.update({"bundle_root": str(tmp_path), "roi_size": [64, 64], "train#slices_per_volume": 2, "max_epochs": 2, "resume": True})
+    parser.update(
+        {
+            "bundle_root": str(tmp_path),
+            "roi_size": [64, 64],
+            "train#slices_per_volume": 2,
+            "max_epochs": 2,
+            "resume": True,
+        }
+    )
     trainer, saver = parser.get_parsed_content("train#trainer"), parser.get_parsed_content("train#checkpoint_saver")
     assert isinstance(trainer.step, AdversarialStep)
-    stop = parser.get_parsed_content("train#handlers#0")  # StopOnNonFiniteLoss's last_good.pt: every network and optimizer
+    stop = parser.get_parsed_content(
+        "train#handlers#0"
+    )  # StopOnNonFiniteLoss's last_good.pt: every network and optimizer
     assert type(stop).__name__ == "StopOnNonFiniteLoss" and set(stop.save_dict) == set(GAN_KEYS) - {"trainer", "best"}
     fresh = {k: saver.save_dict[k].state_dict() for k in OPTIMIZERS}
     assert not any(s["state"] for s in fresh.values())  # before loading: nothing (the check can fail)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import signal
 import subprocess
@@ -322,7 +321,9 @@ def test_a_full_disk_is_named(tmp_path):
         f"mount -t tmpfs -o size=64k tmpfs '{out}' && (dd if=/dev/zero of='{out}/filler' bs=4k 2>/dev/null; true) && "
         f"{shlex.join(command)}; rc=$?; ls -A '{out}' > '{listing}'; exit $rc"
     )
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert f"no space left on {out}" in lines[-1], proc.stderr[-3000:]  # the last line says it

@@ -63,9 +63,7 @@ def test_aggregated_loss_equals_brute_force_over_31_subsets(batch, recompute, pe
         aggregated.call_elements = 3 * side[0].numel()  # sized for three subsets per call
     batched = aggregated(side, target)
     brute = sum(
-        seg(sum(side[i] for i in subset), target)
-        for k in range(1, 6)
-        for subset in itertools.combinations(range(5), k)
+        seg(sum(side[i] for i in subset), target) for k in range(1, 6) for subset in itertools.combinations(range(5), k)
     )
     torch.testing.assert_close(batched, brute)
     g_batched = torch.autograd.grad(batched, side)
@@ -96,9 +94,7 @@ def test_total_loss_combines_both_predictions_and_the_side_loss():
     sup = seg(out.p1, target) + seg(out.p2, target)
     torch.testing.assert_close(MGRADLoss(side_loss="none")(out, target), sup)
     torch.testing.assert_close(MGRADLoss()(out, target), sup + AggregatedLoss()(out.side, target))
-    torch.testing.assert_close(
-        MGRADLoss(side_loss="weighted")(out, target), sup + WeightedSideLoss()(out.side, target)
-    )
+    torch.testing.assert_close(MGRADLoss(side_loss="weighted")(out, target), sup + WeightedSideLoss()(out.side, target))
     # a network built without side outputs: only the supervised part
     bare = _output(side=0)
     torch.testing.assert_close(MGRADLoss()(bare, target), seg(bare.p1, target) + seg(bare.p2, target))

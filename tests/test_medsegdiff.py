@@ -3,7 +3,6 @@ override through ``python -m monai.bundle``."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -15,12 +14,21 @@ from mgrad_net.engines import FeedbackTrainer, SegmentationDiffusionPrepareBatch
 from mgrad_net.networks import FFParser, MedSegDiff
 from tests.bundle_utils import assert_segmentations_in_inputs_geometry, run_bundle
 
-TINY = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "spatial_size": 32, "features": (8, 16), "norm_num_groups": 4}
+TINY = {
+    "spatial_dims": 2,
+    "in_channels": 1,
+    "out_channels": 2,
+    "spatial_size": 32,
+    "features": (8, 16),
+    "norm_num_groups": 4,
+}
 
 
 def _disks(n: int = 4, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     items = synthetic_disks(n, size=size, seed=0)
-    return torch.from_numpy(np.stack([i["image"] for i in items])), torch.from_numpy(np.stack([i["label"] for i in items]))
+    return torch.from_numpy(np.stack([i["image"] for i in items])), torch.from_numpy(
+        np.stack([i["label"] for i in items])
+    )
 
 
 # ---------------------------------------------------------------- the FF-Parser
@@ -77,7 +85,9 @@ def test_one_training_step_in_the_bundles_trainer_lowers_the_loss_on_a_fixed_bat
 
     def fixed_loss() -> float:
         with torch.no_grad():
-            return torch.nn.functional.mse_loss(DiffusionInferer(net.noise_scheduler)(x0, net, noise, t, x, mode="concat"), noise).item()
+            return torch.nn.functional.mse_loss(
+                DiffusionInferer(net.noise_scheduler)(x0, net, noise, t, x, mode="concat"), noise
+            ).item()
 
     before = fixed_loss()
     trainer = _trainer(net, [{"image": x, "label": y}])
@@ -141,7 +151,8 @@ def test_override_trains_an_epoch_and_infers_in_the_inputs_geometry(tmp_path):
     """One epoch on the embedded synthetic data through ``python -m monai.bundle`` (validation
     samples with DDIM), then inference merged after inference.json alone."""
     proc = run_bundle("training", ["train", "medsegdiff"], tmp_path, *ROI, "--max_epochs", "1",
-                      "--train#slices_per_volume", "2", "--network_def#num_inference_steps", "2", tiny=False)  # fmt: skip
+                      "--train#slices_per_volume", "2", "--network_def#num_inference_steps", "2",
+                      tiny=False)  # fmt: skip
     weights = tmp_path / "models" / "medsegdiff" / "model.pt"
     assert proc.stdout.splitlines()[-4:] == [  # the run's last words: where its outputs went
         "outputs:", f"  weights: {weights}", f"  training log: {tmp_path / 'eval' / 'medsegdiff' / 'training_log.csv'}",

@@ -63,7 +63,8 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_last_good_state(tmp_path):
     stop.attach(trainer)
     params_after_first_batch = {}
     trainer.add_event_handler(
-        Events.ITERATION_COMPLETED, lambda e: params_after_first_batch.update({k: v.clone() for k, v in net.state_dict().items()})
+        Events.ITERATION_COMPLETED,
+        lambda e: params_after_first_batch.update({k: v.clone() for k, v in net.state_dict().items()}),
     )
     with pytest.raises(FloatingPointError) as err:
         trainer.run()
@@ -85,7 +86,9 @@ def test_two_seeded_cpu_runs_give_identical_losses():
         net = tiny_net(out_channels=2)
         trainer = _trainer(net, synthetic_disks(4, seed=1))
         history = []
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: history.extend(float(x) for x in e.state.pass_losses))
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda e: history.extend(float(x) for x in e.state.pass_losses)
+        )
         trainer.run()
         losses.append(history)
     set_determinism(seed=None)
@@ -123,7 +126,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 900.0) -> Non
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"training ended ({proc.returncode}) before {path.name} was written:\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(
+                f"training ended ({proc.returncode}) before {path.name} was written:\n{proc.stdout.read()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"no {path.name} after {timeout} s")

@@ -46,8 +46,13 @@ def test_refuses_a_folder_that_holds_files_and_leaves_it_alone(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "model.pt").write_bytes(b"someone's weights")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--minutes", "1", "--out_dir", str(out)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--minutes", "1", "--out_dir", str(out)], capture_output=True, text=True
+    )
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1] == f"{out} exists and is not an empty folder: give a new --out_dir (nothing is overwritten)"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"{out} exists and is not an empty folder: give a new --out_dir (nothing is overwritten)"
+    )
     assert sorted(p.name for p in out.iterdir()) == ["model.pt"]
     assert (out / "model.pt").read_bytes() == b"someone's weights"

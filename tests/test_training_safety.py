@@ -15,7 +15,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from monai.bundle import ConfigWorkflow
 
 from mgrad_net.checkpoints import LOCK_NAME, check_weights, lock_ckpt_dir, unlock_ckpt_dir
 from mgrad_net.data import write_phantom_dataset
-from mgrad_net.errors import CheckpointError, find_user_error
+from mgrad_net.errors import find_user_error
 from mgrad_net.handlers import read_training_log
 from mgrad_net.io import is_atomic_leftover
 from mgrad_net.networks import MGRADUNet
@@ -36,7 +35,8 @@ from tests.bundle_utils import CONFIGS, REPO, bundle_command, config_files, run_
 # one iteration an epoch: two training volumes in a batch of three, one slice each
 SMALL = ["--train#slices_per_volume", "1", "--num_workers", "0"]
 # 240 MB more in the resumable checkpoint: its save takes about a second, a window for the kill
-BALLAST = ["--train#checkpoint_saver#save_dict", "$dict(model=@network, optimizer=@optimizer, lr_scheduler=@lr_scheduler, "
+BALLAST = ["--train#checkpoint_saver#save_dict",
+           "$dict(model=@network, optimizer=@optimizer, lr_scheduler=@lr_scheduler, "
            "trainer=@train#trainer, best=@validate#best_record, ballast=torch.nn.Embedding(60000, 1000))"]  # fmt: skip
 TINY = {"network_def#features": [4, 8, 16, 32, 64], "network_def#decoder_channels": 8, "roi_size": [48, 48]}
 
@@ -96,7 +96,9 @@ def test_a_kill_mid_save_keeps_the_previous_checkpoint_and_resume_skips_those_th
     first, second = models / "checkpoint_epoch=1.pt", models / "checkpoint_epoch=2.pt"
     assert first.is_file(), f"the previous checkpoint was deleted before the new one was complete: {_names(models)}"
     assert torch.load(first, weights_only=True)["trainer"]["iteration"] == 1  # one iteration an epoch
-    assert not second.exists(), "epoch 2's checkpoint is under its real name: written in place, or the save ended before the kill"
+    assert not second.exists(), (
+        "epoch 2's checkpoint is under its real name: written in place, or the save ended before the kill"
+    )
     assert [n for n in _names(models) if is_atomic_leftover(n)], "no temporary file: the kill did not land mid-save"
 
     # newer checkpoints that do not load: an empty file, a truncated one (as a full disk leaves them)
@@ -104,10 +106,14 @@ def test_a_kill_mid_save_keeps_the_previous_checkpoint_and_resume_skips_those_th
     empty.write_bytes(b"")
     with first.open("rb") as f:
         truncated.write_bytes(f.read(1 << 20))
-    proc = run_bundle("training", ["train"], tmp_path, *data, "--max_epochs", "2", *SMALL, "--resume", "true", check=False)
+    proc = run_bundle(
+        "training", ["train"], tmp_path, *data, "--max_epochs", "2", *SMALL, "--resume", "true", check=False
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
-    assert f"--resume skips checkpoint {truncated} cannot be loaded: it is truncated or not a PyTorch checkpoint" in output
+    assert (
+        f"--resume skips checkpoint {truncated} cannot be loaded: it is truncated or not a PyTorch checkpoint" in output
+    )
     assert f"--resume skips checkpoint {empty} is empty (0 bytes)" in output
     assert f"--resume continues from {first}, the newest checkpoint that loads" in output
     state = torch.load(second, weights_only=True)
@@ -157,7 +163,8 @@ def test_a_kill_while_model_pt_is_rewritten_leaves_the_previous_best_weights_who
         inode = best.stat().st_ino if best.exists() else None  # epoch 1's file (gone already: deleted before the save)
         # the rewrite has begun once a temporary file appears, or model.pt is gone or replaced
         _wait(
-            lambda: any(is_atomic_leftover(n) for n in _names(models)) or not best.exists() or best.stat().st_ino != inode,
+            lambda: any(is_atomic_leftover(n) for n in _names(models))
+                    or not best.exists() or best.stat().st_ino != inode,
             proc, log, "the rewrite of model.pt",
         )  # fmt: skip
         proc.send_signal(signal.SIGKILL)
@@ -195,7 +202,8 @@ def test_a_second_training_into_a_held_ckpt_dir_is_refused_naming_the_lock_and_i
         assert proc.returncode != 0, "the second run trained into a folder another run holds"
         assert _last_line(proc.stderr) == (
             f"CkptDirInUseError: ckpt_dir {models} is in use by another training run (pid {holder.pid} on "
-            f"{os.uname().nodename}), which holds the lock {lock}. Wait for it to end, or give this run another --ckpt_dir."
+            f"{os.uname().nodename}), which holds the lock {lock}. "
+            "Wait for it to end, or give this run another --ckpt_dir."
         )
         assert "Traceback" not in proc.stderr
         assert not (second / "eval").exists() and not [n for n in _names(models) if n.startswith("model_before_")]
@@ -250,13 +258,17 @@ except errors.CheckpointError as err:
 def test_the_traceback_of_a_user_error_is_shown_only_when_asked():
     env = {k: v for k, v in os.environ.items() if k != "MGRAD_TRACEBACK"}
     quiet = subprocess.run([sys.executable, "-c", _CHAINED], capture_output=True, text=True, env=env, cwd=REPO)
-    loud = subprocess.run([sys.executable, "-c", _CHAINED], capture_output=True, text=True, env={**env, "MGRAD_TRACEBACK": "1"}, cwd=REPO)
+    loud = subprocess.run(
+        [sys.executable, "-c", _CHAINED], capture_output=True, text=True, env={**env, "MGRAD_TRACEBACK": "1"}, cwd=REPO
+    )
     assert quiet.returncode == loud.returncode == 1
     assert quiet.stderr.splitlines() == [
         "(the run stopped; MGRAD_TRACEBACK=1 shows the traceback)",
         "CheckpointError: weights /x/model.pt is empty (0 bytes): its save was interrupted.",
     ]
-    assert "Traceback (most recent call last)" in loud.stderr and _last_line(loud.stderr).startswith("RuntimeError: Failed to evaluate")
+    assert "Traceback (most recent call last)" in loud.stderr and _last_line(loud.stderr).startswith(
+        "RuntimeError: Failed to evaluate"
+    )
 
 
 # ---------------------------------------------------------------- item 11: another architecture, in one line
@@ -268,7 +280,8 @@ def test_weights_of_other_widths_are_named_in_one_line_with_the_override_that_lo
     weights = tmp_path / "quick_model.pt"
     torch.save(quick.state_dict(), weights)
     proc = run_bundle(
-        "evaluating", ["train", "evaluate"], tmp_path, "--dataset_dir", str(small_data), "--ckpt_path", str(weights), check=False,
+        "evaluating", ["train", "evaluate"], tmp_path, "--dataset_dir", str(small_data), "--ckpt_path", str(weights),
+        check=False,
     )  # fmt: skip
     assert proc.returncode != 0
     assert "size mismatch" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
@@ -279,7 +292,9 @@ def test_weights_of_other_widths_are_named_in_one_line_with_the_override_that_lo
         f"{override} (or merge configs/quick.json)."
     )
     # what the message says loads it does
-    assert check_weights(weights, MGRADUNet(out_channels=4, features=(8, 16, 32, 64, 128), decoder_channels=16)) == str(weights)
+    assert check_weights(weights, MGRADUNet(out_channels=4, features=(8, 16, 32, 64, 128), decoder_channels=16)) == str(
+        weights
+    )
 
 
 # ---------------------------------------------------------------- items 11, 12, 13: checked before training
@@ -321,7 +336,9 @@ def test_a_ckpt_dir_that_is_a_file_is_named_before_training(tmp_path, small_data
     )
 
 
-@pytest.mark.parametrize("names, switches", [(["train"], {"finetune": "true"}), (["train", "evaluate"], {})], ids=["finetune", "evaluate"])
+@pytest.mark.parametrize(
+    "names, switches", [(["train"], {"finetune": "true"}), (["train", "evaluate"], {})], ids=["finetune", "evaluate"]
+)
 def test_an_empty_weights_file_is_named_before_training_or_evaluation(tmp_path, small_data, names, switches):
     empty = tmp_path / "model.pt"
     empty.write_bytes(b"")
@@ -331,12 +348,18 @@ def test_an_empty_weights_file_is_named_before_training_or_evaluation(tmp_path, 
 
 def test_finetuning_from_weights_of_other_widths_is_refused_in_one_line(tmp_path, small_data):
     weights = tmp_path / "full.pt"
-    torch.save({"model": MGRADUNet(out_channels=4, features=(16, 32, 64, 128, 256), decoder_channels=16).state_dict()}, weights)
+    torch.save(
+        {"model": MGRADUNet(out_channels=4, features=(16, 32, 64, 128, 256), decoder_channels=16).state_dict()}, weights
+    )
     raised = _initialize(["train"], tmp_path, dataset_dir=str(small_data), ckpt_path=str(weights), finetune="true")
     message = _user_message(raised)
     assert "\n" not in message and "size mismatch" not in message
-    assert message.startswith(f"CheckpointError: {weights} holds an MGRAD-UNet with features [16, 32, 64, 128, 256], decoder_channels 16")
-    assert message.endswith('load it with --network_def#features "[16,32,64,128,256]" --network_def#decoder_channels 16.')
+    assert message.startswith(
+        f"CheckpointError: {weights} holds an MGRAD-UNet with features [16, 32, 64, 128, 256], decoder_channels 16"
+    )
+    assert message.endswith(
+        'load it with --network_def#features "[16,32,64,128,256]" --network_def#decoder_channels 16.'
+    )
 
 
 def test_an_empty_training_list_is_named(tmp_path, small_data):
@@ -346,7 +369,8 @@ def test_an_empty_training_list_is_named(tmp_path, small_data):
     empty_list.write_text(json.dumps(listing))
     raised = _initialize(["train"], tmp_path, dataset_dir=str(small_data), datalist=str(empty_list))
     assert _user_message(raised) == (
-        f"DataValidationError: no training cases in {empty_list}: its 'training' section is empty; nothing was trained or written."
+        f"DataValidationError: no training cases in {empty_list}: its 'training' section is empty; "
+        "nothing was trained or written."
     )
     assert not (tmp_path / "models").exists()
 
@@ -365,10 +389,15 @@ def test_a_full_disk_leaves_no_truncated_checkpoint_and_is_named(tmp_path, small
         "--output_dir", str(tmp_path / "eval"), "--max_epochs", "1", *SMALL,
     )  # fmt: skip
     script = (  # a 64 KiB tmpfs: the lock file fits, no checkpoint of the tiny network does
-        f"mount -t tmpfs -o size=64k tmpfs '{ckpt}' && {shlex.join(command)}; rc=$?; ls -A '{ckpt}' > '{listing}'; exit $rc"
+        f"mount -t tmpfs -o size=64k tmpfs '{ckpt}' && {shlex.join(command)}; "
+        f"rc=$?; ls -A '{ckpt}' > '{listing}'; exit $rc"
     )
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=900
+    )
     assert proc.returncode != 0
     assert f"no space left on {ckpt}" in _last_line(proc.stderr), proc.stderr[-3000:]
     left = listing.read_text().split()
-    assert not [n for n in left if n.endswith(".pt") or ".tmp" in n], f"a partial checkpoint or temporary file left: {left}"
+    assert not [n for n in left if n.endswith(".pt") or ".tmp" in n], (
+        f"a partial checkpoint or temporary file left: {left}"
+    )

@@ -71,7 +71,9 @@ def test_label_values_shapes_and_dimensions(tmp_path, good):
     items.append({"image": _save(tmp_path / "nan.nii.gz", nan), "label": good["label"]})
     shifted = np.eye(4)
     shifted[0, 3] = 5.0
-    items.append({"image": good["image"], "label": _save(tmp_path / "moved_gt.nii.gz", np.zeros((16, 16, 4), np.uint8), shifted)})
+    items.append(
+        {"image": good["image"], "label": _save(tmp_path / "moved_gt.nii.gz", np.zeros((16, 16, 4), np.uint8), shifted)}
+    )
     message = _problems(items)
     lines = message.splitlines()[1:]
     assert len(lines) == 7

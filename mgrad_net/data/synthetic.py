@@ -40,4 +40,3 @@ def synthetic_disks(
         )
         items.append({"image": image.astype(np.float32), "label": label.astype(np.int64)})
     return items
-

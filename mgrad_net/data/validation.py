@@ -145,7 +145,9 @@ def validate_datalist(
             problems.append(f"{label_path}: label values must be integers, found {frac.tolist() or 'NaN'}")
         elif values.min() < 0 or values.max() >= num_classes:
             outside = [int(v) for v in values if v < 0 or v >= num_classes][:5]
-            problems.append(f"{label_path}: label values {outside} outside 0..{num_classes - 1} ({num_classes} classes)")
+            problems.append(
+                f"{label_path}: label values {outside} outside 0..{num_classes - 1} ({num_classes} classes)"
+            )
         if image is not None:
             if image.shape != label.shape:
                 problems.append(f"{label_path}: label shape {label.shape} differs from image shape {image.shape}")

@@ -5,7 +5,8 @@ default iteration; every network brings such a step and the bundle's one trainer
 
 - :mod:`.supervised`: MGRAD-UNet's feedback step and the trainer, the training budget, autocast.
 - :mod:`.diffusion`: MedSegDiff's batch (the label noised, the image the condition) for MONAI's DiffusionInferer.
-- :mod:`.adversarial`: Hi-gMISnet's pGAN step (discriminators, then generators), its losses, one LR schedule over several optimizers.
+- :mod:`.adversarial`: Hi-gMISnet's pGAN step (discriminators, then generators), its losses, one LR schedule over
+  several optimizers.
 """
 
 from mgrad_net.engines.adversarial import AdversarialStep, HiGMISnetLoss, SchedulerGroup

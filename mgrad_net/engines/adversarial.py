@@ -136,7 +136,11 @@ class HiGMISnetLoss(nn.Module):
     def _deep(self, maps: list, target: torch.Tensor) -> torch.Tensor:
         total = target.new_zeros(())
         for weight, level in zip(self.deep_weights, maps):
-            t = F.interpolate(target, size=level.additive.shape[2:], mode="area") if level.additive.shape[2:] != target.shape[2:] else target
+            t = (
+                F.interpolate(target, size=level.additive.shape[2:], mode="area")
+                if level.additive.shape[2:] != target.shape[2:]
+                else target
+            )
             for logit in level:
                 total = total + weight * F.binary_cross_entropy_with_logits(logit.float(), t)
         return total
@@ -145,14 +149,18 @@ class HiGMISnetLoss(nn.Module):
         fg, bg = output.foreground.logits.float(), output.background.logits.float()
         target = one_hot(label.long(), num_classes=fg.shape[1], dim=1).float()
         seg_fg = self.lambda_dice * self.dice_softmax(fg, target) + self.lambda_ce * F.cross_entropy(fg, target)
-        seg_bg = self.lambda_dice * self.dice_sigmoid(bg, 1 - target) + self.lambda_ce * F.binary_cross_entropy_with_logits(bg, 1 - target)
+        seg_bg = self.lambda_dice * self.dice_sigmoid(
+            bg, 1 - target
+        ) + self.lambda_ce * F.binary_cross_entropy_with_logits(bg, 1 - target)
         union = 1 - target[:, :1]  # any foreground class
         terms = {
             "seg_fg": self.segmentation_weight * seg_fg,
             "seg_bg": self.segmentation_weight * seg_bg,
             "deep_fg": self._deep(output.foreground.maps, union),
             "deep_bg": self._deep(output.background.maps, 1 - union),
-            "reciprocal": reciprocal_loss(image, torch.softmax(fg, 1), torch.sigmoid(bg), target, self.ssim, self.reciprocal_weights),
+            "reciprocal": reciprocal_loss(
+                image, torch.softmax(fg, 1), torch.sigmoid(bg), target, self.ssim, self.reciprocal_weights
+            ),
         }
         terms["total"] = sum(terms.values())
         return terms
@@ -262,8 +270,12 @@ class AdversarialStep:
             _requires_grad(d, False)
         try:
             with autocast(engine, inputs.device):
-                adv = [self.adversarial(self._logits(d, inputs, fake).float(), target_is_real=True, for_discriminator=False)
-                       for d, fake in zip(self.discriminators, fakes)]  # fmt: skip
+                adv = [
+                    self.adversarial(
+                        self._logits(d, inputs, fake).float(), target_is_real=True, for_discriminator=False
+                    )
+                    for d, fake in zip(self.discriminators, fakes)
+                ]
                 terms = engine.loss_function(output, targets, inputs)
             g_loss = self.adversarial_weight * (adv[0] + adv[1]) + terms["total"]
             engine.state.output[Keys.LOSS] = g_loss
@@ -327,6 +339,8 @@ class SchedulerGroup:
     def load_state_dict(self, state: dict) -> None:
         states = state["schedulers"]
         if len(states) != len(self.schedulers):
-            raise ValueError(f"SchedulerGroup: the state holds {len(states)} schedulers, this group {len(self.schedulers)}.")
+            raise ValueError(
+                f"SchedulerGroup: the state holds {len(states)} schedulers, this group {len(self.schedulers)}."
+            )
         for s, st in zip(self.schedulers, states):
             s.load_state_dict(st)

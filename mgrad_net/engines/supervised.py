@@ -26,7 +26,15 @@ from monai.utils.enums import CommonKeys as Keys
 
 from mgrad_net.networks.mgrad_unet import MGRADOutput
 
-__all__ = ["EvaluatorAutocast", "FeedbackStep", "FeedbackTrainer", "TrainingBudget", "autocast", "logits_of", "native_mixed_precision"]
+__all__ = [
+    "EvaluatorAutocast",
+    "FeedbackStep",
+    "FeedbackTrainer",
+    "TrainingBudget",
+    "autocast",
+    "logits_of",
+    "native_mixed_precision",
+]
 
 
 def logits_of(output: Any) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 from mgrad_net.networks.blocks import RFB, DifferentialProcess, ResidualStage
 from mgrad_net.networks.decoders import DifferentialPyramid, GRADDecoder, MSDDecoder, SideOutputs
-from mgrad_net.networks.mgrad_unet import MGRADOutput, MGRADUNet
 from mgrad_net.networks.higmisnet import HiGMISnet, HiGMISnetGenerator
 from mgrad_net.networks.medsegdiff import ConditionalEncoding, FFParser, MedSegDiff, MedSegDiffUNet
+from mgrad_net.networks.mgrad_unet import MGRADOutput, MGRADUNet
 from mgrad_net.networks.swin_unetr_reca import SwinUNETRRecA
 
 __all__ = [

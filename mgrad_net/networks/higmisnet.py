@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -126,7 +126,10 @@ class HiGMISnetGenerator(nn.Module):
             raise ValueError(f"Hi-gMISnet segments 2D slices (spatial_dims=2), got spatial_dims={spatial_dims}.")
         features = [int(f) for f in features]
         if len(features) != 6 or len(respath_lengths) != 5:
-            raise ValueError(f"features needs 6 widths (5 levels + bottleneck) and respath_lengths 5, got {features}, {list(respath_lengths)}.")
+            raise ValueError(
+                "features needs 6 widths (5 levels + bottleneck) and respath_lengths 5, "
+                f"got {features}, {list(respath_lengths)}."
+            )
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         self.supervised_levels = int(supervised_levels)
         self.dwt = HaarDWT(spatial_dims)
@@ -153,8 +156,17 @@ class HiGMISnetGenerator(nn.Module):
         for k in reversed(range(5)):
             u = features[k]
             self.ups.append(
-                Convolution(spatial_dims, c, u, kernel_size=2, strides=2, is_transposed=True, conv_only=True, padding=0,
-                            output_padding=0)
+                Convolution(
+                    spatial_dims,
+                    c,
+                    u,
+                    kernel_size=2,
+                    strides=2,
+                    is_transposed=True,
+                    conv_only=True,
+                    padding=0,
+                    output_padding=0,
+                )
             )
             self.up_norms.append(Norm[Norm.BATCH, spatial_dims](u))  # outside the Convolution: folding skips it
             self.up_drops.append(Dropout[Dropout.DROPOUT, spatial_dims](dropout if k >= 2 else 0.0))
@@ -252,7 +264,8 @@ class HiGMISnet(nn.Module):
     ) -> None:
         super().__init__()
         kwargs = dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, features=features,
-                      alpha=alpha, respath_lengths=respath_lengths, dropout=dropout, supervised_levels=supervised_levels)  # fmt: skip
+                      alpha=alpha, respath_lengths=respath_lengths, dropout=dropout,
+                      supervised_levels=supervised_levels)  # fmt: skip
         self.foreground = HiGMISnetGenerator(**kwargs)
         self.background = HiGMISnetGenerator(**kwargs)
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
@@ -269,17 +282,27 @@ class HiGMISnet(nn.Module):
         state = read_pretrained_state(path)
         _, loaded, skipped = copy_model_state(self, state, inplace=True)
         if not loaded:
-            raise CheckpointError(f"pretrained_path {path!r}: none of its tensors matches this network by name and shape.")
-        logging.getLogger("mgrad_net").info("pretrained_path %s: %d tensors loaded, %d left as initialised", path, len(loaded), len(skipped))
+            raise CheckpointError(
+                f"pretrained_path {path!r}: none of its tensors matches this network by name and shape."
+            )
+        logging.getLogger("mgrad_net").info(
+            "pretrained_path %s: %d tensors loaded, %d left as initialised", path, len(loaded), len(skipped)
+        )
         return len(loaded)
 
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
         shape = list(x.shape)
         if x.dim() != self.spatial_dims + 2 or shape[1] != self.in_channels:
-            raise ValueError(f"HiGMISnet(in_channels={self.in_channels}) expects (batch, {self.in_channels}, H, W), got shape {shape}.")
+            raise ValueError(
+                f"HiGMISnet(in_channels={self.in_channels}) expects (batch, {self.in_channels}, H, W), "
+                f"got shape {shape}."
+            )
         if any(s % self.size_divisor for s in shape[2:]):
-            raise ValueError(f"HiGMISnet needs spatial sizes that are multiples of {self.size_divisor}, got {shape[2:]}; the bundle's roi_size must follow the same rule.")
+            raise ValueError(
+                f"HiGMISnet needs spatial sizes that are multiples of {self.size_divisor}, got {shape[2:]}; "
+                "the bundle's roi_size must follow the same rule."
+            )
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, HiGMISnetOutput]:
         if not torch.jit.is_tracing() and not torch.jit.is_scripting():

@@ -147,7 +147,9 @@ class MultiResBlock(nn.Module):
         for width in widths:
             self.convs.append(Convolution(spatial_dims, c, width, kernel_size=3, norm=Norm.BATCH, act=Act.RELU))
             c = width
-        self.shortcut = Convolution(spatial_dims, in_channels, self.out_channels, kernel_size=1, norm=Norm.BATCH, act=None)
+        self.shortcut = Convolution(
+            spatial_dims, in_channels, self.out_channels, kernel_size=1, norm=Norm.BATCH, act=None
+        )
         self.norm_cat = Norm[Norm.BATCH, spatial_dims](self.out_channels)
         self.act = Act[Act.RELU]()
         self.norm_out = Norm[Norm.BATCH, spatial_dims](self.out_channels)
@@ -235,7 +237,9 @@ class DualModeAttentionGate(nn.Module):
     def __init__(self, spatial_dims: int, skip_channels: int, gate_channels: int, inter_channels: int) -> None:
         super().__init__()
         if skip_channels < 2 or gate_channels < 2:
-            raise ValueError(f"the dual-mode gate splits its inputs in halves: got {skip_channels} and {gate_channels} channels.")
+            raise ValueError(
+                f"the dual-mode gate splits its inputs in halves: got {skip_channels} and {gate_channels} channels."
+            )
         self.x_split = skip_channels // 2
         self.g_split = gate_channels // 2
         inter = max(1, inter_channels // 2)

@@ -95,7 +95,9 @@ class ConditionalEncoding(nn.Module):
         self.ff_parser = FFParser(spatial_dims, channels, spatial_size)
         self.norm_mask = Norm[Norm.GROUP, spatial_dims](num_groups=1, num_channels=channels)
         self.norm_image = Norm[Norm.GROUP, spatial_dims](num_groups=1, num_channels=channels)
-        self.block = DiffusionUNetResnetBlock(spatial_dims, channels, temb_channels, channels, norm_num_groups=norm_num_groups)
+        self.block = DiffusionUNetResnetBlock(
+            spatial_dims, channels, temb_channels, channels, norm_num_groups=norm_num_groups
+        )
 
     def forward(self, mask: torch.Tensor, image: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         fused = self.norm_mask(self.ff_parser(mask)) * self.norm_image(image) * image
@@ -140,8 +142,8 @@ class MedSegDiffUNet(nn.Module):
         factor = 2 ** (len(features) - 1)
         if any(int(s) % factor for s in size) or any(f % norm_num_groups for f in features):
             raise ValueError(
-                f"MedSegDiffUNet: spatial_size {tuple(size)} must be divisible by {factor} and features {tuple(features)} "
-                f"by norm_num_groups {norm_num_groups}."
+                f"MedSegDiffUNet: spatial_size {tuple(size)} must be divisible by {factor} "
+                f"and features {tuple(features)} by norm_num_groups {norm_num_groups}."
             )
         self.in_channels, self.num_classes = in_channels, num_classes
         self.spatial_size = tuple(int(s) for s in size)
@@ -168,12 +170,21 @@ class MedSegDiffUNet(nn.Module):
         self.skip_condition = bool(skip_condition)
         self.up_blocks = nn.ModuleList(block((3 if skip_condition else 2) * f, f) for f in features)
         self.upsample = nn.ModuleList(
-            WrappedUpsample(spatial_dims, in_channels=features[i], out_channels=features[i - 1], mode="nontrainable",
-                            interp_mode="nearest", scale_factor=2.0, align_corners=None)
+            WrappedUpsample(
+                spatial_dims,
+                in_channels=features[i],
+                out_channels=features[i - 1],
+                mode="nontrainable",
+                interp_mode="nearest",
+                scale_factor=2.0,
+                align_corners=None,
+            )
             for i in range(1, len(features))
         )
         self.out = nn.Sequential(
-            Norm[Norm.GROUP, spatial_dims](num_groups=norm_num_groups, num_channels=f0), nn.SiLU(), conv(f0, num_classes)
+            Norm[Norm.GROUP, spatial_dims](num_groups=norm_num_groups, num_channels=f0),
+            nn.SiLU(),
+            conv(f0, num_classes),
         )
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -259,7 +270,9 @@ class MedSegDiff(nn.Module):
         self.num_classes = out_channels
         self.num_inference_steps, self.num_ensemble, self.seed = int(num_inference_steps), int(num_ensemble), int(seed)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The noise prediction for ``x = cat([x_t, I])`` when ``timesteps`` is given; else ``x`` is an
         image and the result is :meth:`segment`'s per-class scores."""
         if timesteps is not None:

@@ -276,4 +276,3 @@ class MGRADUNet(nn.Module):
     def feedback(self, out: MGRADOutput) -> List[torch.Tensor]:
         """The feedback F_i = λ·(G_i − M_i) of eq. 7 for the next pass, detached from the graph."""
         return [(self.feedback_weight * (g - m)).detach() for m, g in zip(out.msd, out.grad)]
-

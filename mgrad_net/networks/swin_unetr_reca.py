@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Optional, Tuple, Union
 
 import torch
@@ -115,7 +115,9 @@ class RecASwinTransformerBlock(SwinTransformerBlock):
             x = torch.roll(x, [-s for s in shift_size], axes)
         aligned = self.reca_mode == "aligned"
         if aligned and memory is not None:
-            memory = window_partition(torch.roll(memory, [-s for s in shift_size], axes) if shifted else memory, window_size)
+            memory = window_partition(
+                torch.roll(memory, [-s for s in shift_size], axes) if shifted else memory, window_size
+            )
         out, q_hat = self.attn(window_partition(x, window_size), mask_matrix if shifted else None, memory)
         out = window_reverse(out.view(-1, *window_size, c), window_size, grid)
         if aligned:
@@ -283,9 +285,14 @@ class SwinUNETRRecA(SwinUNETR):
             state = {f"swinViT.{k}": v for k, v in state.items()}
         _, loaded, skipped = copy_model_state(self, state, inplace=True)
         if not loaded:
-            raise CheckpointError(f"pretrained_path {path!r}: none of its tensors matches this network by name and shape.")
+            raise CheckpointError(
+                f"pretrained_path {path!r}: none of its tensors matches this network by name and shape."
+            )
         logging.getLogger("mgrad_net").info(
-            "pretrained_path %s: %d tensors loaded, %d of this network's left as initialised", path, len(loaded), len(skipped)
+            "pretrained_path %s: %d tensors loaded, %d of this network's left as initialised",
+            path,
+            len(loaded),
+            len(skipped),
         )
         return len(loaded)
 

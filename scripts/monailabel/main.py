@@ -106,7 +106,9 @@ class MGRADApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.bundle = os.path.realpath(conf.get("bundle") or DEFAULT_BUNDLE)
         if not os.path.isfile(os.path.join(self.bundle, "configs", "inference.json")):
-            raise FileNotFoundError(f"no bundle at {self.bundle} (configs/inference.json missing); set --conf bundle PATH")
+            raise FileNotFoundError(
+                f"no bundle at {self.bundle} (configs/inference.json missing); set --conf bundle PATH"
+            )
         self.overrides = load_overrides(self.bundle, conf.get("bundle_overrides"))
         self.model_name = conf.get("model_name", "mgrad_unet")
         logger.info(f"+++ Serving bundle {self.bundle} as '{self.model_name}'; overrides: {self.overrides}")
