@@ -13,12 +13,14 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointSaver
 from monai.utils import string_list_all_gather
 
 from mgrad_net.inference import optimize_for_inference
 from mgrad_net.io import atomic_path, atomic_write_json, atomic_write_text
+from mgrad_net.metrics import case_affines, distance_unit
 
 __all__ = [
     "SegmentationReport",
@@ -63,34 +65,47 @@ def _case_files(batch: dict | list, image_key: str) -> list[str]:
 class SegmentationReport:
     """Writes the per-case × per-class metrics of an evaluation run and their summary.
 
-    Reads the per-case details that MONAI's metric handlers (``MeanDice``, ``HausdorffDistance``,
-    ``MeanIoUHandler``, ``SurfaceDistance``, with ``save_details=True``) leave in
-    ``engine.state.metric_details``, and on completion writes, atomically:
+        Reads the per-case details that MONAI's metric handlers (``MeanDice``, ``HausdorffDistance``,
+        ``MeanIoUHandler``, ``SurfaceDistance``, with ``save_details=True``) leave in
+        ``engine.state.metric_details``, and on completion writes, atomically:
 
-    - ``<output_dir>/metrics.csv``: one row per case and class: ``case, class, <metric>…``;
-    - ``<output_dir>/summary.json``: ``{"mean": {metric: …}, "per_class": {class: {metric: …}},
-      "cases": n, "nonfinite": {metric: count}}``.
+        - ``<output_dir>/metrics.csv``: one row per case and class: ``case, class, <metric>…``;
+        - ``<output_dir>/summary.json``: ``{"mean": {metric: …}, "per_class": {class: {metric: …}},
+          "cases": n, "nonfinite": {metric: count}, "distance_unit": …}``.
 
-    A distance is undefined (MONAI gives NaN, or inf) where the prediction or the ground truth
-    lacks a class; means are taken over the finite values, and ``nonfinite`` counts the others
-    per metric, so a missed structure is never silently averaged away. In a distributed run the
-    case names are gathered from every rank and rank 0 writes.
+    ``distance_unit`` is the unit of the distance metrics (HD95, ASD): ``"mm"`` where every case's
+    label carries its voxel spacing (:mod:`mgrad_net.metrics` then measures in millimetres),
+    ``"voxels"`` where none does (an identity affine: the spacing was lost), and ``"mixed"``, with
+    ``distance_unit_cases`` counting each, where the cases disagree.
 
-    Args:
-        output_dir: folder of the two files.
-        class_names: names of the classes the metrics cover (background excluded if they exclude it).
-        metrics: report name → engine metric name, e.g. ``{"dice": "val_mean_dice"}``.
-        image_key: batch key whose metadata names each case.
+        A distance is undefined (MONAI gives NaN, or inf) where the prediction or the ground truth
+        lacks a class; means are taken over the finite values, and ``nonfinite`` counts the others
+        per metric, so a missed structure is never silently averaged away. In a distributed run the
+        case names are gathered from every rank and rank 0 writes.
+
+        Args:
+            output_dir: folder of the two files.
+            class_names: names of the classes the metrics cover (background excluded if they exclude it).
+            metrics: report name → engine metric name, e.g. ``{"dice": "val_mean_dice"}``.
+            image_key: batch key whose metadata names each case.
+            label_key: batch key whose affine gives each case's distance unit.
     """
 
     def __init__(
-        self, output_dir: str, class_names: Sequence[str], metrics: dict[str, str], image_key: str = "image"
+        self,
+        output_dir: str,
+        class_names: Sequence[str],
+        metrics: dict[str, str],
+        image_key: str = "image",
+        label_key: str = "label",
     ) -> None:
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
         self.metrics = dict(metrics)
         self.image_key = image_key
+        self.label_key = label_key
         self._cases: list[str] = []
+        self._units: list[str] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -98,13 +113,23 @@ class SegmentationReport:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
-        self._cases = []
+        self._cases, self._units = [], []
 
     def _collect_names(self, engine: Engine) -> None:
-        self._cases.extend(Path(f).name for f in _case_files(engine.state.batch, self.image_key))
+        batch = engine.state.batch
+        files = _case_files(batch, self.image_key)
+        self._cases.extend(Path(f).name for f in files)
+        units = []
+        for item in batch if isinstance(batch, list) else [batch]:
+            label = item.get(self.label_key) if isinstance(item, dict) else None
+            if isinstance(batch, list) and isinstance(label, MetaTensor):
+                label = label.unsqueeze(0)  # a decollated case: give it its batch dimension back
+            units.extend(distance_unit(a) for a in case_affines(label) or [])
+        self._units.extend(units if len(units) == len(files) else [distance_unit(None)] * len(files))
 
     def _write(self, engine: Engine) -> None:
         cases = string_list_all_gather(self._cases)  # every rank takes part in the gather
+        units = string_list_all_gather(self._units)
         if not _is_main_process():
             return
         details = {}
@@ -135,7 +160,10 @@ class SegmentationReport:
             "per_class": per_class,
             "cases": len(cases),
             "nonfinite": {m: sum(not math.isfinite(v) for row in details[m] for v in row) for m in details},
+            "distance_unit": units[0] if len(set(units)) == 1 else "mixed",
         }
+        if len(set(units)) > 1:
+            summary["distance_unit_cases"] = {u: units.count(u) for u in sorted(set(units))}
         atomic_write_json(self.output_dir / "summary.json", summary)
 
 
@@ -224,7 +252,16 @@ class StopOnNonFiniteLoss:
         )
 
 
-TRAINING_LOG_FIELDS = ("epoch", "iterations", "loss", "lr", "seconds", "train_seconds", "val_mean_dice", "best_val_mean_dice")
+TRAINING_LOG_FIELDS = (
+    "epoch",
+    "iterations",
+    "loss",
+    "lr",
+    "seconds",
+    "train_seconds",
+    "val_mean_dice",
+    "best_val_mean_dice",
+)
 
 
 def read_training_log(path: str | Path) -> list[dict[str, str]]:

@@ -6,9 +6,10 @@ Each row is the bundle's evaluation (``configs/train.json`` + ``configs/evaluate
 override files) run in a subprocess, exactly as a user runs it; the numbers come from the
 ``summary.json`` it writes. Each row also gives its training minutes and the minutes to first
 reach 0.85 and 0.90 validation Dice (from its training logs), and the seconds per volume of the
-bundle's ``inference`` with the same overrides. Rows whose checkpoint is missing are listed as not trained. Distances
-(HD95, ASD) are in voxels where the data has no spacing (the shared ACDC copy). The table is
-printed and, with ``--markdown``, written to a file (the model card's results table).
+bundle's ``inference`` with the same overrides. Rows whose checkpoint is missing are listed as not
+trained. Distances (HD95, ASD) are in mm where the data carries its spacing and in voxels where it
+has none (the shared ACDC copy), as each row's ``summary.json`` says; the header names the unit.
+The table is printed and, with ``--markdown``, written to a file (the model card's results table).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ BUNDLE = REPO / "bundle"
 # row name -> (override configs after train.json + evaluate.json, training logs, checkpoint[, overrides
 # by id]), paths in the bundle; weights trained in stages list one log per stage, and the row sums them;
 # the ids override evaluation and inference only (MedSegDiff's sampling rows share one training)
-SHIPPED_LOGS = "docs/training_log.csv,docs/training_log_stage1.csv,docs/training_log_stage2.csv,docs/training_log_stage3.csv"
+SHIPPED_LOGS = (
+    "docs/training_log.csv,docs/training_log_stage1.csv,docs/training_log_stage2.csv,docs/training_log_stage3.csv"
+)
 MEDSEGDIFF_LOG = "docs/training_log_medsegdiff.csv"
 ROWS: dict[str, tuple] = {
     "MGRAD-UNet (shipped weights)": ([], SHIPPED_LOGS, "models/model.pt"),
@@ -98,7 +101,9 @@ def minutes_to(logs: list[Path], dice: float) -> float | None:
     return None
 
 
-def inference_seconds(overrides: list[str], dataset_dir: str, section: str, ckpt: Path, ids: dict | None = None) -> float:
+def inference_seconds(
+    overrides: list[str], dataset_dir: str, section: str, ckpt: Path, ids: dict | None = None
+) -> float:
     """Seconds per volume of the bundle's ``inference`` (``inference.json`` + ``overrides``) on
     ``section``, as a user runs it: loading, slicing, the forward, inversion and NIfTI writing;
     the run alone, without start-up and ``initialize``. In this process, into a temporary folder.
@@ -123,7 +128,14 @@ def inference_seconds(overrides: list[str], dataset_dir: str, section: str, ckpt
     return seconds / cases
 
 
-def evaluate(overrides: list[str], dataset_dir: str, output_dir: Path, section: str, extra: list[str] = (), log: Path | None = None) -> dict:
+def evaluate(
+    overrides: list[str],
+    dataset_dir: str,
+    output_dir: Path,
+    section: str,
+    extra: list[str] = (),
+    log: Path | None = None,
+) -> dict:
     """The bundle's ``evaluate`` with the override configs ``overrides`` (and command-line
     overrides ``extra``) on ``section``, in a subprocess; returns its ``summary.json``. ``log``:
     a file the command line is appended to."""
@@ -169,9 +181,7 @@ def compare(
     """
     chosen = [r.strip() for r in rows.split(",")] if rows else list(ROWS)
     keep = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="compare_models_"))
-    header = ["model", "parameters", "epochs", "training (min)", "min to 0.85", "min to 0.90", "Dice RV", "Dice Myo",
-              "Dice LV", "Dice mean", "IoU mean", "HD95 (vox)", "ASD (vox)", "inference (s/volume)"]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines, units = [], []
     summary: dict = {"cases": 0}  # the note's count when no chosen row is trained
     for i, name in enumerate(chosen):
         overrides, log, ckpt, ids = (*ROWS[name], {})[:4]
@@ -185,12 +195,23 @@ def compare(
         logs = [BUNDLE / part for part in log.split(",")]
         minutes, epochs = training_minutes(logs)
         mean = summary["mean"]
+        units.append(summary.get("distance_unit", "voxels"))
         seconds = inference_seconds(overrides, dataset_dir, section, BUNDLE / ckpt, ids)
         cells = [name, f"{parameter_count(overrides):,}", str(epochs or "–"), _fmt(minutes, 1),
                  _fmt(minutes_to(logs, 0.85), 1), _fmt(minutes_to(logs, 0.90), 1), *map(_fmt, dice),
-                 _fmt(mean["dice"]), _fmt(mean["iou"]), _fmt(mean["hd95"], 2), _fmt(mean["asd"], 2), _fmt(seconds, 2)]  # fmt: skip
+                 _fmt(mean["dice"]), _fmt(mean["iou"]), _fmt(mean["hd95"], 2), _fmt(mean["asd"], 2),
+                 _fmt(seconds, 2)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], file=sys.stderr, flush=True)
+    # the distances' unit, from each row's summary.json: mm where the data carries its spacing
+    short = {"mm": "mm", "voxels": "vox"}
+    unit = (
+        short.get(units[0], units[0]) if len(set(units)) == 1 else "units differ: see summary.json" if units else "vox"
+    )
+    header = ["model", "parameters", "epochs", "training (min)", "min to 0.85", "min to 0.90", "Dice RV",
+              "Dice Myo", "Dice LV", "Dice mean", "IoU mean", f"HD95 ({unit})", f"ASD ({unit})",
+              "inference (s/volume)"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines]
     note = (f"\n{summary['cases']} cases of the `{section}` section of `{Path(dataset_dir).name}`; "
             "Dice, IoU and distances over RV, Myo and LV; distances are means over the finite values. "
             "Training minutes exclude validation where the log has train_seconds (older logs: epoch wall time); "

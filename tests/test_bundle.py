@@ -79,6 +79,7 @@ def test_evaluate_writes_per_case_metrics_and_summary(synthetic_run):
     root, _, evaluate, _ = synthetic_run
     summary = _assert_metrics_files(root / "eval", cases=3)
     assert summary["mean"]["dice"] is not None
+    assert summary["distance_unit"] == "mm"  # the phantoms' NIfTI files carry their spacing
 
 
 def test_inference_writes_one_segmentation_per_input_in_its_geometry(synthetic_run):

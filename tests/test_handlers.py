@@ -65,6 +65,7 @@ def test_report_writes_rows_per_case_and_class_and_counts_undefined_values(tmp_p
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["cases"] == 2
     assert summary["nonfinite"] == {"dice": 0, "hd95": 2}
+    assert summary["distance_unit"] == "voxels"  # labels without an affine
     assert summary["per_class"]["liver"]["hd95"] is None
     assert math.isclose(summary["mean"]["dice"], sum(float(r["dice"]) for r in rows) / 4)
 
@@ -133,3 +134,38 @@ def test_stop_on_non_finite_loss_names_unnamed_cases_of_a_collated_batch(tmp_pat
     with pytest.raises(FloatingPointError, match=r"batch files: \?, \?\. "):
         trainer.run()
     assert (tmp_path / "last_good.pt").is_file()
+
+
+def test_report_names_the_distance_unit_of_its_cases(tmp_path):
+    """A case whose label carries its spacing is measured in mm (here 2 mm pixels: twice the
+    voxel distance), one with an identity affine in voxels; the summary says the units differ."""
+    from monai.handlers import IgniteMetricHandler
+
+    from mgrad_net.metrics import HausdorffDistanceMetric
+
+    label = torch.zeros(1, 16, 16)
+    label[:, 2:6, 2:6] = 1
+    cases = [
+        {
+            "image": MetaTensor(torch.zeros(1, 16, 16), meta={"filename_or_obj": f"/data/case{i}.nii.gz"}),
+            "label": MetaTensor(label.clone(), affine=torch.diag(torch.tensor([s, s, 1.0, 1.0]))),
+        }
+        for i, s in enumerate((2.0, 1.0))
+    ]
+    pl = from_engine(["pred", "label"])
+    hd = IgniteMetricHandler(metric_fn=HausdorffDistanceMetric(include_background=False), output_transform=pl)
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(cases, batch_size=2),
+        network=_Background(),
+        postprocessing=Compose(
+            [AsDiscreted(keys="pred", argmax=True, to_onehot=3), AsDiscreted(keys="label", to_onehot=3)]
+        ),
+        key_val_metric={"hd": hd},
+        val_handlers=[SegmentationReport(str(tmp_path), ["fat", "liver"], {"hd": "hd"})],
+    )
+    evaluator.run()
+    fat = [float(r["hd"]) for r in csv.DictReader((tmp_path / "metrics.csv").open()) if r["class"] == "fat"]
+    assert fat[1] > 0 and math.isclose(fat[0], 2 * fat[1])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["distance_unit"] == "mixed" and summary["distance_unit_cases"] == {"mm": 1, "voxels": 1}

@@ -3,6 +3,7 @@ set reproduces the model card's results row to the second decimal."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -47,5 +48,10 @@ def test_evaluate_reproduces_the_model_card(tmp_path):
     card = dict(zip(_row(RESULTS.read_text(), "model"), _row(RESULTS.read_text(), ROW)))
     compared = [name for name in card if name.startswith(("Dice", "IoU"))]
     assert len(compared) == 5, card
+    # ACDC in SSL4MIS's form lost its spacing (identity affines): distances stay in voxels, and say so
+    assert (
+        "HD95 (vox)" in measured
+        and json.loads((tmp_path / "row0" / "summary.json").read_text())["distance_unit"] == "voxels"
+    )
     for name in compared:
         assert abs(float(measured[name]) - float(card[name])) < 0.005, (name, measured[name], card[name])
