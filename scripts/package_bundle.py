@@ -2,16 +2,19 @@
 
     python scripts/package_bundle.py --output dist/cardiac_mri_mgrad_unet_segmentation.zip
 
-The archive holds one folder (``--name``, default ``cardiac_mri_mgrad_unet_segmentation``, a model-zoo style name: task and data) with the bundle's
-``configs/``, ``docs/``, ``LICENSE``, ``models/model.pt`` with its ``large_files.yml`` (the model zoo's
-record of the weights: path, url, md5), and ``scripts/``: a copy of the
+The archive holds one folder (``--name``, default ``cardiac_mri_mgrad_unet_segmentation``, a
+model-zoo style name: task and data) with the bundle's
+``configs/``, ``docs/``, ``LICENSE``, ``models/model.pt``, ``models/model.ts`` (those weights exported
+now with ``monai.bundle.ckpt_export`` as the model zoo calls it: scripted, no tracing), their
+``large_files.yml`` (the model zoo's record of large files: path, url, md5), and ``scripts/``: a copy of the
 ``mgrad_net`` package's Python sources taken now, at packaging time, from the package this
 script imports (so it is never a second copy kept in the repository), plus a ``scripts/__init__.py``
 that puts that copy on ``sys.path``. The packaged configs import ``scripts`` before ``mgrad_net``,
 and the packaged metadata no longer asks for the ``mgrad-net`` distribution.
 
 Run the unpacked bundle from its own folder, as model-zoo bundles are run
-(``cd cardiac_mri_mgrad_unet_segmentation && python -m monai.bundle run inference --config_file configs/inference.json``),
+(``cd cardiac_mri_mgrad_unet_segmentation`` then
+``python -m monai.bundle run inference --config_file configs/inference.json``),
 or put that folder on ``sys.path`` first: that is how ``import scripts`` finds the code.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -66,6 +70,23 @@ def large_files_yml(files: dict[str, bytes], url: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scripted_weights(bundle: Path) -> bytes:
+    """``models/model.pt`` exported to TorchScript with the bundle's inference config, scripted."""
+    from monai.bundle import ckpt_export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ts = Path(tmp) / "model.ts"
+        ckpt_export(
+            net_id="network_def",
+            filepath=str(ts),
+            ckpt_file=str(bundle / "models" / "model.pt"),
+            meta_file=str(bundle / "configs" / "metadata.json"),
+            config_file=str(bundle / "configs" / "inference.json"),
+            bundle_root=str(bundle),
+        )
+        return ts.read_bytes()
+
+
 def package(
     output: str = "dist/cardiac_mri_mgrad_unet_segmentation.zip",
     bundle: str = str(REPO / "bundle"),
@@ -100,7 +121,9 @@ def package(
             entries[f"docs/{path.relative_to(src / 'docs').as_posix()}"] = path.read_bytes()
     entries["LICENSE"] = (src / "LICENSE").read_bytes()
     entries["models/model.pt"] = weights.read_bytes()
-    entries["large_files.yml"] = large_files_yml({"models/model.pt": entries["models/model.pt"]}, weights_url).encode()
+    entries["models/model.ts"] = scripted_weights(src)
+    large = {path: entries[path] for path in ("models/model.pt", "models/model.ts")}
+    entries["large_files.yml"] = large_files_yml(large, weights_url).encode()
     entries["scripts/__init__.py"] = BOOTSTRAP.encode()
     for path in sorted(package_dir.rglob("*.py")):
         entries[f"scripts/mgrad_net/{path.relative_to(package_dir).as_posix()}"] = path.read_bytes()
@@ -111,7 +134,10 @@ def package(
                 archive.writestr(f"{name}/{arcname}", data)
     print(f"wrote {output}: {len(entries)} files, {Path(output).stat().st_size / 1e6:.1f} MB")
     if not weights_url:
-        print("warning: large_files.yml gives no url for the weights: pass --weights_url before submitting to the model zoo")
+        print(
+            "warning: large_files.yml gives no url for the weights: "
+            "pass --weights_url before submitting to the model zoo"
+        )
     return str(output)
 
 

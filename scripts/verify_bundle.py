@@ -11,20 +11,33 @@ Checks, in order (each prints PASS or FAIL with its reason; the exit status is t
 4. metadata schema: ``monai.bundle.verify_metadata`` against the schema metadata.json names, read
    from the pinned copy in ``scripts/schemas/`` (nothing downloads here);
 5. properties: ``ConfigWorkflow.check_properties()`` for the train and the inference workflow;
-6. net in/out: ``monai.bundle.verify_net_in_out`` on the CPU, shapes from metadata.json;
-7. torchscript: ``monai.bundle.ckpt_export`` of ``models/model.pt``, then the exported file is
-   loaded with ``torch.jit.load`` and run, its output compared with the eager network's;
+6. net in/out: ``monai.bundle.verify_net_in_out`` as the zoo calls it, at its own defaults
+   (``n=1``, shapes from metadata.json; the GPU where there is one, else the CPU);
+7. torchscript: ``monai.bundle.ckpt_export`` of ``models/model.pt`` as the zoo calls it (scripted,
+   ``torch.jit.script``, no tracing); the exported file and, where the bundle ships one (the
+   archive does), ``models/model.ts`` are loaded with ``torch.jit.load`` and run, their outputs
+   compared with the eager network's;
 8. large files: every file ``large_files.yml`` lists exists with its md5 (the archive that
    ``scripts/package_bundle.py`` writes has one); without that file (this repository keeps the
-   weights in git), the files over 1 MB, which the model zoo would need listed there, are named.
+   weights in git), the files over 1 MB, which the model zoo would need listed there, are named;
+9. installable: every version metadata.json pins (``monai_version``, ``pytorch_version``,
+   ``numpy_version``, ``required_packages_version``, ``optional_packages_version``) exists on the
+   package index for the zoo CI's Python (``--python_version``, default 3.10, the Python of the
+   zoo's premerge workflow), asked with ``pip index versions NAME --python-version …``. That asks
+   the index the same question ``pip download --no-deps --python-version …`` would, without
+   downloading the files (torch's alone is 527 MB). The project's own distribution (``mgrad-net``,
+   installed from this repository; the archive drops it from the pins) is skipped. This check
+   needs the package index. On the command line write another Python quoted twice
+   (``--python_version '"3.12"'``): fire reads a bare 3.10 as the number 3.1.
 
-The model zoo's CI runs the network checks on a GPU where it has one; here everything runs on
-the CPU, which is what a user without a GPU gets.
+The model zoo's CI runs the network checks on a GPU where it has one; so does check 6 here, and
+the TorchScript comparison runs on the CPU, which is what a user without a GPU gets.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -37,6 +50,8 @@ import torch
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 NECESSARY = ("configs/metadata.json", "LICENSE")
 PREFERRED = ("models/model.pt", "configs/inference", "docs/README.md")
+ZOO_PYTHON = "3.10"  # Project-MONAI/model-zoo, .github/workflows/premerge-cpu.yml: python-version 3.10.14
+OWN_DISTRIBUTION = "mgrad-net"
 
 
 def _find_config(bundle: Path, stem: str) -> Path | None:
@@ -127,41 +142,94 @@ def check_net_in_out(bundle: Path) -> str:
         meta_file=str(bundle / "configs/metadata.json"),
         config_file=str(_find_config(bundle, "inference")),
         bundle_root=str(bundle),
-        device="cpu",
-        n=4,  # 64x64: a size every level of the network can halve
     )
-    return "network input and output shapes match metadata.json (n=4 on the CPU)"
+    return "network input and output shapes match metadata.json (verify_net_in_out at its defaults)"
+
+
+def _eager_network(bundle: Path, config: str) -> torch.nn.Module:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config)
+    parser["bundle_root"] = str(bundle)
+    net = parser.get_parsed_content("network_def").eval()
+    net.load_state_dict(torch.load(bundle / "models/model.pt", map_location="cpu", weights_only=True))
+    return net
 
 
 def check_torchscript(bundle: Path, atol: float = 1e-4) -> str:
-    from monai.bundle import ConfigParser, ckpt_export
+    from monai.bundle import ckpt_export
 
     config = str(_find_config(bundle, "inference"))
-    meta = str(bundle / "configs/metadata.json")
+    net = _eager_network(bundle, config)
+    x = torch.rand(2, 1, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = net(x)
+    said = []
     with tempfile.TemporaryDirectory() as tmp:
         exported = Path(tmp) / "model.ts"
-        ckpt_export(
+        ckpt_export(  # the model zoo's call: scripted, no tracing
             net_id="network_def",
             filepath=str(exported),
             ckpt_file=str(bundle / "models/model.pt"),
-            meta_file=meta,
+            meta_file=str(bundle / "configs/metadata.json"),
             config_file=config,
             bundle_root=str(bundle),
-            use_trace=True,
-            input_shape=[1, 1, 64, 64],
         )
-        scripted = torch.jit.load(str(exported), map_location="cpu")
-        parser = ConfigParser()
-        parser.read_config(config)
-        parser["bundle_root"] = str(bundle)
-        net = parser.get_parsed_content("network_def").eval()
-        net.load_state_dict(torch.load(bundle / "models/model.pt", map_location="cpu", weights_only=True))
-        x = torch.rand(2, 1, 96, 96, generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            diff = (scripted(x) - net(x)).abs().max().item()
-    if diff > atol:
-        raise AssertionError(f"TorchScript output differs from eager by {diff:.2e} (> {atol:.0e})")
-    return f"exported, loaded and run; max |TorchScript - eager| = {diff:.1e} at 2x1x96x96 (tolerance {atol:.0e})"
+        files = {"exported": exported}
+        if (bundle / "models/model.ts").is_file():
+            files["models/model.ts"] = bundle / "models/model.ts"
+        for name, path in files.items():
+            with torch.inference_mode():
+                diff = (torch.jit.load(str(path), map_location="cpu")(x) - expected).abs().max().item()
+            if diff > atol:
+                raise AssertionError(f"{name}: TorchScript output differs from eager by {diff:.2e} (> {atol:.0e})")
+            said.append(f"{name} max |TorchScript - eager| = {diff:.1e}")
+    return f"scripted, loaded and run at 2x1x96x96 (tolerance {atol:.0e}): " + "; ".join(said)
+
+
+def pinned_versions(meta: dict) -> dict[str, str]:
+    """Every package version metadata.json pins, by distribution name."""
+    pins = {
+        "monai": meta.get("monai_version"),
+        "torch": meta.get("pytorch_version"),
+        "numpy": meta.get("numpy_version"),
+    }
+    pins.update(meta.get("required_packages_version") or {})
+    pins.update(meta.get("optional_packages_version") or {})
+    return {name: version for name, version in pins.items() if version}
+
+
+def index_versions(name: str, python_version: str) -> list[str]:
+    """The versions of ``name`` the package index offers to ``python_version``, newest first."""
+    cmd = [sys.executable, "-m", "pip", "index", "versions", name, "--python-version", python_version]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    listed = [line for line in proc.stdout.splitlines() if line.startswith("Available versions:")]
+    if listed:
+        return listed[0].split(":", 1)[1].replace(" ", "").split(",")
+    if "No matching distribution" in proc.stderr:
+        return []
+    tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+    raise RuntimeError(f"{' '.join(cmd[2:])} failed: {tail[0]}")
+
+
+def check_installable(bundle: Path, python_version: str = ZOO_PYTHON) -> str:
+    from concurrent.futures import ThreadPoolExecutor
+
+    pins = pinned_versions(json.loads((bundle / "configs/metadata.json").read_text()))
+    pins.pop(OWN_DISTRIBUTION, None)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # one index query per pin, a few at a time
+        offered = dict(zip(pins, pool.map(lambda name: index_versions(name, python_version), pins)))
+    missing = [
+        f"{name}=={version} (newest for Python {python_version}: {(offered[name] or ['none'])[0]})"
+        for name, version in pins.items()
+        if version not in offered[name]
+    ]
+    if missing:
+        raise ValueError(
+            f"configs/metadata.json pins versions Python {python_version} cannot install: {', '.join(missing)}"
+        )
+    return f"{len(pins)} pinned versions are on the index for Python {python_version} ({OWN_DISTRIBUTION} skipped)"
 
 
 def check_large_files(bundle: Path) -> str:
@@ -171,7 +239,9 @@ def check_large_files(bundle: Path) -> str:
 
     listing = bundle / "large_files.yml"
     if not listing.is_file():
-        big = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file() and p.stat().st_size > 1_000_000)
+        big = sorted(
+            str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file() and p.stat().st_size > 1_000_000
+        )
         return f"no large_files.yml; files over 1 MB the model zoo would need listed there: {', '.join(big) or 'none'}"
     entries = (yaml.safe_load(listing.read_text()) or {}).get("large_files") or []
     if not entries:
@@ -182,16 +252,19 @@ def check_large_files(bundle: Path) -> str:
             raise FileNotFoundError(f"{listing} lists {entry['path']}, which is missing")
         digest = hashlib.new(entry.get("hash_type", "md5"), path.read_bytes()).hexdigest()
         if digest != entry["hash_val"]:
-            raise ValueError(f"{entry['path']}: {entry.get('hash_type', 'md5')} {digest}, but {listing} says {entry['hash_val']}")
+            raise ValueError(
+                f"{entry['path']}: {entry.get('hash_type', 'md5')} {digest}, but {listing} says {entry['hash_val']}"
+            )
     return f"{len(entries)} file(s) of large_files.yml present with their hashes"
 
 
-def verify(bundle: str = "bundle", schema: str | None = None) -> int:
+def verify(bundle: str = "bundle", schema: str | None = None, python_version: str = ZOO_PYTHON) -> int:
     """Run every check on ``bundle``; print one line each; return (exit with) the number failed.
 
     Args:
         bundle: the bundle folder (holding ``configs/``).
         schema: the metadata schema file; default: ``scripts/schemas/<name metadata.json gives>``.
+        python_version: the Python whose installable versions the pins are checked against.
     """
     root = Path(bundle).resolve()
     sys.path.insert(0, str(root))  # as MONAI does before running a bundle: its own scripts import
@@ -204,6 +277,7 @@ def verify(bundle: str = "bundle", schema: str | None = None) -> int:
         ("net in/out", lambda: check_net_in_out(root)),
         ("torchscript", lambda: check_torchscript(root)),
         ("large files", lambda: check_large_files(root)),
+        ("installable", lambda: check_installable(root, str(python_version))),
     ]
     failed = 0
     for name, check in checks:

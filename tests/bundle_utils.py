@@ -39,7 +39,9 @@ def configs(*names: str) -> str:
     return json.dumps(config_files(*names))
 
 
-def bundle_command(runner: str | None, config_names: list[str], bundle_root: Path, *overrides: str, tiny: bool = True) -> list[str]:
+def bundle_command(
+    runner: str | None, config_names: list[str], bundle_root: Path, *overrides: str, tiny: bool = True
+) -> list[str]:
     """``python -m monai.bundle run [runner] --config_file [...] --bundle_root … <overrides>``.
 
     ``config_names`` as :func:`config_files` takes them; ``tiny`` adds :data:`TINY_OVERRIDES`
@@ -71,7 +73,9 @@ def run_bundle(
     cmd = bundle_command(runner, config_names, bundle_root, *overrides, tiny=tiny)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=bundle_root)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -101,3 +105,13 @@ def assert_segmentations_in_inputs_geometry(bundle_root: Path, segs: Path) -> No
         assert seg.shape == img.shape
         np.testing.assert_allclose(seg.affine, img.affine, atol=1e-5)
         assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 3}
+
+
+def verify_bundle_module():
+    """``scripts/verify_bundle.py`` imported as a module (scripts/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("verify_bundle", REPO / "scripts" / "verify_bundle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -17,7 +17,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata
 
-from tests.bundle_utils import CONFIGS, REPO, config_files, free_port
+from tests.bundle_utils import CONFIGS, REPO, config_files, free_port, verify_bundle_module
 
 SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
 # what the model is: defined in inference.json and, identically, in train.json (overrides such as
@@ -151,8 +151,19 @@ def test_verify_bundle_script_passes_every_check():
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert len(lines) == 8 and all(line.startswith("PASS") for line in lines), proc.stdout
-    assert "8 of 8 checks passed" in proc.stdout
+    assert len(lines) == 9 and all(line.startswith("PASS") for line in lines), proc.stdout
+    assert "9 of 9 checks passed" in proc.stdout
+
+
+def test_installability_check_names_the_pins_an_older_python_cannot_install():
+    """The check asks the package index (needs it, as pip install does): Python 3.9 has no
+    MONAI 1.6.1 (its newest is 1.5.2), so the pins fail there, each named with the newest."""
+    check = verify_bundle_module().check_installable
+    assert "for Python 3.10" in check(REPO / "bundle")
+    with pytest.raises(
+        ValueError, match=r"Python 3\.9 cannot install: .*monai==1\.6\.1 \(newest for Python 3\.9: 1\.5\.2\)"
+    ):
+        check(REPO / "bundle", "3.9")
 
 
 # ---------------------------------------------------------------- one place for the model
@@ -188,7 +199,12 @@ def test_training_and_validation_prepare_images_with_the_inference_transforms():
 def test_evaluation_attaches_the_inference_loading_handlers_then_its_reports():
     parser = _parser("train", "evaluate")
     handlers = [type(h).__name__ for h in parser.get_parsed_content("validate#evaluator#val_handlers")]
-    loading = ["CheckpointLoader", "EvaluatorAutocast", "OptimizeForInference", "StatsHandler"]  # inference.json's handlers
+    loading = [
+        "CheckpointLoader",
+        "EvaluatorAutocast",
+        "OptimizeForInference",
+        "StatsHandler",
+    ]  # inference.json's handlers
     assert handlers == loading + ["SegmentationReport", "OverlayPictures"]
 
 
@@ -210,7 +226,14 @@ def _handler_types(tmp_path, is_not_rank0: bool) -> tuple[list[str], list[str]]:
 
 def test_rank0_only_handlers_are_chosen_by_their_own_flag_not_by_position(tmp_path):
     train, validate = _handler_types(tmp_path, is_not_rank0=True)
-    assert train == ["CheckpointLoader", "StopOnNonFiniteLoss", "TrainingBudget", "LrScheduleHandler", "ValidationHandler", "TrainingLog"]
+    assert train == [
+        "CheckpointLoader",
+        "StopOnNonFiniteLoss",
+        "TrainingBudget",
+        "LrScheduleHandler",
+        "ValidationHandler",
+        "TrainingLog",
+    ]
     assert validate == ["AtomicCheckpointSaver"]  # Ignite writes its files on rank 0 only
     train, validate = _handler_types(tmp_path, is_not_rank0=False)
     assert train[-3:] == ["StatsHandler", "TensorBoardStatsHandler", "ProgressBar"] and len(train) == 9

@@ -1,13 +1,14 @@
-"""The bundle archive works on its own: unzipped in an empty folder, run by a Python that has MONAI
-and torch but no ``mgrad_net``, through ``monai.bundle run`` and ``monai.bundle.load``."""
+"""The bundle archive works on its own: unzipped in an empty folder and run, through
+``monai.bundle run`` and ``monai.bundle.load``, by a Python of its own into which pip installed
+exactly the versions the archive's metadata.json pins (and what they depend on), nothing more:
+no ``mgrad_net``, nothing of this environment. A package the metadata forgot fails here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 import subprocess
 import sys
-import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -17,24 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle_utils import REPO
+from tests.bundle_utils import REPO, verify_bundle_module
 
 WEIGHTS = REPO / "bundle" / "models" / "model.pt"
-
-
-@pytest.fixture(scope="module")
-def python_without_mgrad_net(tmp_path_factory) -> str:
-    """A venv that sees this environment's packages (MONAI, torch …) through a plain path entry,
-    which, unlike a site folder, does not run their .pth files: the editable mgrad_net stays out."""
-    root = tmp_path_factory.mktemp("venv")
-    venv.EnvBuilder(with_pip=False).create(root)
-    python = str(root / "bin" / "python")
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    Path(site, "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    probe = subprocess.run([python, "-c", "import monai, torch; import mgrad_net"], capture_output=True, text=True, cwd=root)
-    assert "No module named 'mgrad_net'" in probe.stderr, probe.stderr[-2000:]
-    return python
+NAME = "cardiac_mri_mgrad_unet_segmentation"
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +38,33 @@ def unpacked(tmp_path_factory) -> Path:
         z.extractall(target)
     assert "cardiac_mri_mgrad_unet_segmentation/scripts/mgrad_net/networks/mgrad_unet.py" in names
     assert "cardiac_mri_mgrad_unet_segmentation/models/model.pt" in names
+    assert "cardiac_mri_mgrad_unet_segmentation/models/model.ts" in names
     assert not any("__pycache__" in n or n.endswith("checkpoint") for n in names)
     meta = json.loads((target / "cardiac_mri_mgrad_unet_segmentation/configs/metadata.json").read_text())
     assert "mgrad-net" not in meta["required_packages_version"]
     return target
 
 
-def test_archive_runs_inference_without_the_package(unpacked, python_without_mgrad_net, tmp_path):
+@pytest.fixture(scope="module")
+def isolated_python(unpacked, tmp_path_factory) -> str:
+    """A venv without system site packages; pip installs the archive's pinned versions into it."""
+    meta = json.loads((unpacked / NAME / "configs" / "metadata.json").read_text())
+    pins = [f"{name}=={version}" for name, version in verify_bundle_module().pinned_versions(meta).items()]
+    root = tmp_path_factory.mktemp("isolated-venv")
+    venv.EnvBuilder(with_pip=True).create(root)
+    python = str(root / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    proc = subprocess.run([python, "-m", "pip", "install", "--quiet", *pins], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, f"pip install {' '.join(pins)} failed:\n{proc.stderr[-3000:]}"
+    probe = subprocess.run([python, "-c", "import monai, torch, fire, matplotlib; import mgrad_net"],
+                           capture_output=True, text=True, cwd=root, env=env)  # fmt: skip
+    assert "No module named 'mgrad_net'" in probe.stderr, probe.stderr[-2000:]
+    return python
+
+
+def test_archive_runs_inference_in_a_venv_of_its_pins(unpacked, isolated_python, tmp_path):
     bundle = unpacked / "cardiac_mri_mgrad_unet_segmentation"
-    cmd = [python_without_mgrad_net, "-m", "monai.bundle", "run", "inference",
+    cmd = [isolated_python, "-m", "monai.bundle", "run", "inference",
            "--config_file", "configs/inference.json", "--output_dir", str(tmp_path / "segs")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -79,16 +84,17 @@ _LOAD = """
 import sys, torch, monai.bundle
 net = monai.bundle.load(name="cardiac_mri_mgrad_unet_segmentation", bundle_dir=sys.argv[1], workflow_type="inference")
 print(type(net).__module__, type(net).__name__)
+scripted = torch.jit.load(sys.argv[1] + "/cardiac_mri_mgrad_unet_segmentation/models/model.ts")
 x = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
 with torch.inference_mode():
-    torch.save(net.eval()(x), sys.argv[2])
+    torch.save({"eager": net.eval()(x), "scripted": scripted(x)}, sys.argv[2])
 """
 
 
-def test_archive_loads_with_monai_bundle_load(unpacked, python_without_mgrad_net, tmp_path):
+def test_archive_loads_with_monai_bundle_load(unpacked, isolated_python, tmp_path):
     bundle = unpacked / "cardiac_mri_mgrad_unet_segmentation"
     out = tmp_path / "out.pt"
-    proc = subprocess.run([python_without_mgrad_net, "-c", _LOAD, str(unpacked), str(out)],
+    proc = subprocess.run([isolated_python, "-c", _LOAD, str(unpacked), str(out)],
                           cwd=bundle, capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.split()[-2:] == ["mgrad_net.networks.mgrad_unet", "MGRADUNet"]
@@ -102,14 +108,9 @@ def test_archive_loads_with_monai_bundle_load(unpacked, python_without_mgrad_net
     x = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = net(x)
-    torch.testing.assert_close(torch.load(out, weights_only=True), expected)
-
-
-def _verify_module():
-    spec = importlib.util.spec_from_file_location("verify_bundle", REPO / "scripts" / "verify_bundle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    outputs = torch.load(out, weights_only=True)
+    torch.testing.assert_close(outputs["eager"], expected)
+    torch.testing.assert_close(outputs["scripted"], expected, atol=1e-4, rtol=1e-4)  # the shipped TorchScript
 
 
 def test_archive_lists_its_weights_in_large_files_yml_and_verify_checks_them(unpacked, tmp_path):
@@ -120,10 +121,12 @@ def test_archive_lists_its_weights_in_large_files_yml_and_verify_checks_them(unp
 
     bundle = unpacked / "cardiac_mri_mgrad_unet_segmentation"
     listing = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
-    assert [e["path"] for e in listing] == ["models/model.pt"] and listing[0]["hash_type"] == "md5"
+    assert [e["path"] for e in listing] == ["models/model.pt", "models/model.ts"]
+    assert {e["hash_type"] for e in listing} == {"md5"}
     assert listing[0]["hash_val"] == hashlib.md5(WEIGHTS.read_bytes()).hexdigest()
-    check = _verify_module().check_large_files
-    assert "1 file(s)" in check(bundle)
+    assert listing[1]["hash_val"] == hashlib.md5((bundle / "models" / "model.ts").read_bytes()).hexdigest()
+    check = verify_bundle_module().check_large_files
+    assert "2 file(s)" in check(bundle)
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)

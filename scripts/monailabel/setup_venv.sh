@@ -8,6 +8,9 @@
 #
 # MONAI Label lives in a venv of its own: it needs torch and torchvision as a matching pair
 # (torch 2.14.1 + torchvision 0.29.1, several GB) and pins numpy < 2, unlike the project's venv.
+# That is the smallest venv these machines allow: PyPI has torchvision only as CUDA builds (beside
+# the CPU torch 2.13.0 wheel even its own pair 0.28.0 fails, "operator torchvision::nms does not
+# exist", measured), and the CPU builds come only from PyTorch's own index, which they cannot reach.
 # The packages of requirements.txt are installed once (minutes) and reused while that file and the
 # Python version stay the same; this repository is (re)installed into it, editable, on every call
 # (seconds), so the venv always runs the clone that called it.
