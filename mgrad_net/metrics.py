@@ -35,10 +35,7 @@ def case_affines(tensor: Any) -> list[torch.Tensor] | None:
     if not isinstance(tensor, MetaTensor):
         return None
     affine = torch.as_tensor(tensor.affine, dtype=torch.float64)
-    affines = list(affine) if affine.ndim == 3 else [affine] * tensor.shape[0]
-    if len(affines) != tensor.shape[0]:
-        affines = [affines[0]] * tensor.shape[0]
-    return affines
+    return list(affine) if affine.ndim == 3 else [affine] * tensor.shape[0]  # batched, or one for all
 
 
 def distance_unit(affine: torch.Tensor | None) -> str:

@@ -70,7 +70,9 @@ def test_report_writes_rows_per_case_and_class_and_counts_undefined_values(tmp_p
     assert math.isclose(summary["mean"]["dice"], sum(float(r["dice"]) for r in rows) / 4)
 
 
-def _dice_evaluator(cases: list[dict], handlers) -> SupervisedEvaluator:
+def _dice_evaluator(cases: list[dict], handlers, key_val_metric: dict | None = None) -> SupervisedEvaluator:
+    """An evaluator of ``_Background`` over ``cases`` (batches of 2), scoring Dice unless told otherwise."""
+    pl = from_engine(["pred", "label"])
     return SupervisedEvaluator(
         device=torch.device("cpu"),
         val_data_loader=DataLoader(cases, batch_size=2),
@@ -78,7 +80,7 @@ def _dice_evaluator(cases: list[dict], handlers) -> SupervisedEvaluator:
         postprocessing=Compose(
             [AsDiscreted(keys="pred", argmax=True, to_onehot=3), AsDiscreted(keys="label", to_onehot=3)]
         ),
-        key_val_metric={"dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
+        key_val_metric=key_val_metric or {"dice": MeanDice(include_background=False, output_transform=pl)},
         val_handlers=handlers,
     )
 
@@ -152,19 +154,11 @@ def test_report_names_the_distance_unit_of_its_cases(tmp_path):
         }
         for i, s in enumerate((2.0, 1.0))
     ]
-    pl = from_engine(["pred", "label"])
-    hd = IgniteMetricHandler(metric_fn=HausdorffDistanceMetric(include_background=False), output_transform=pl)
-    evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"),
-        val_data_loader=DataLoader(cases, batch_size=2),
-        network=_Background(),
-        postprocessing=Compose(
-            [AsDiscreted(keys="pred", argmax=True, to_onehot=3), AsDiscreted(keys="label", to_onehot=3)]
-        ),
-        key_val_metric={"hd": hd},
-        val_handlers=[SegmentationReport(str(tmp_path), ["fat", "liver"], {"hd": "hd"})],
+    hd = IgniteMetricHandler(
+        metric_fn=HausdorffDistanceMetric(include_background=False), output_transform=from_engine(["pred", "label"])
     )
-    evaluator.run()
+    report = SegmentationReport(str(tmp_path), ["fat", "liver"], {"hd": "hd"})
+    _dice_evaluator(cases, [report], key_val_metric={"hd": hd}).run()
     fat = [float(r["hd"]) for r in csv.DictReader((tmp_path / "metrics.csv").open()) if r["class"] == "fat"]
     assert fat[1] > 0 and math.isclose(fat[0], 2 * fat[1])
     summary = json.loads((tmp_path / "summary.json").read_text())
