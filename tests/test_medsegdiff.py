@@ -11,6 +11,7 @@ from monai.networks.utils import one_hot
 
 from mgrad_net.data import synthetic_disks
 from mgrad_net.engines import FeedbackTrainer, SegmentationDiffusionPrepareBatch
+from mgrad_net.losses import DiffusionSegmentationLoss
 from mgrad_net.networks import FFParser, MedSegDiff
 from tests.bundle_utils import assert_segmentations_in_inputs_geometry, run_bundle
 
@@ -68,10 +69,12 @@ def test_a_size_other_than_the_maps_is_an_error_naming_both():
 
 
 def _trainer(net: MedSegDiff, loader, lr: float = 3e-3) -> FeedbackTrainer:
+    aux = net.unet.aux_out is not None
     return FeedbackTrainer(
         device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=net,
-        optimizer=torch.optim.AdamW(net.parameters(), lr=lr), loss_function=torch.nn.MSELoss(),
-        inferer=DiffusionInferer(net.noise_scheduler), prepare_batch=SegmentationDiffusionPrepareBatch(1000, 2),
+        optimizer=torch.optim.AdamW(net.parameters(), lr=lr),
+        loss_function=DiffusionSegmentationLoss() if aux else torch.nn.MSELoss(),
+        inferer=DiffusionInferer(net.noise_scheduler), prepare_batch=SegmentationDiffusionPrepareBatch(1000, 2, aux),
         feedback_passes=1,
     )  # fmt: skip
 
@@ -98,6 +101,48 @@ def test_one_training_step_in_the_bundles_trainer_lowers_the_loss_on_a_fixed_bat
     assert fixed_loss() < before
 
 
+def test_the_auxiliary_head_trains_with_the_noise_head_in_the_bundles_trainer():
+    """With ``aux_head`` the network returns cat([ε, x_0]); one step lowers both terms on a fixed batch."""
+    torch.manual_seed(0)
+    net = MedSegDiff(**TINY, aux_head=True)
+    x, y = _disks()
+    x0 = one_hot(y.long(), 2, dim=1) * 2 - 1
+    noise, t = torch.randn_like(x0), torch.full((4,), 700)
+
+    def fixed_losses() -> tuple[float, float]:
+        with torch.no_grad():
+            out = DiffusionInferer(net.noise_scheduler)(x0, net, noise, t, x, mode="concat")
+        assert out.shape == (4, 4, 32, 32)
+        mse = torch.nn.functional.mse_loss
+        return mse(out[:, :2], noise).item(), mse(out[:, 2:], x0).item()
+
+    before = fixed_losses()
+    trainer = _trainer(net, [{"image": x, "label": y}] * 3)
+    trainer.run()
+    after = fixed_losses()
+    assert after[0] < before[0] and after[1] < before[1], (before, after)
+    with pytest.raises(ValueError, match="aux_head"):  # a network without the head: the loss says what is missing
+        DiffusionSegmentationLoss()(noise, torch.cat([noise, x0], dim=1))
+
+
+def test_each_sampling_step_blends_the_heads_x0_estimates_by_aux_blend():
+    """One DDIM step (from t = 999 onto ᾱ = 1) returns the step's x_0 estimate, clipped: the head's
+    with aux_blend 1, the noise head's with 0, their mean with 0.5."""
+    torch.manual_seed(0)
+    net = MedSegDiff(**TINY, aux_head=True, num_inference_steps=1).eval()
+    x, _ = _disks(2)
+    noise = torch.randn((1, 2, 32, 32), generator=torch.Generator().manual_seed(net.seed)).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        out = net.unet(torch.cat([noise, x], dim=1), torch.full((2,), 999))
+    alpha = net.sampler.alphas_cumprod[999]
+    from_eps = (noise - (1 - alpha).sqrt() * out[:, :2]) / alpha.sqrt()
+    for blend, x0 in [(1.0, out[:, 2:]), (0.0, from_eps), (0.5, (out[:, 2:] + from_eps) / 2)]:
+        net.aux_blend = blend
+        torch.testing.assert_close(net(x), x0.clamp(-1, 1), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="aux_blend"):
+        MedSegDiff(**TINY, aux_head=True, aux_blend=1.5)
+
+
 def test_prepare_batch_noises_the_one_hot_label_scaled_to_plus_minus_one():
     x, y = _disks(2)
     x0, target, args, kwargs = SegmentationDiffusionPrepareBatch(1000, 3)({"image": x, "label": y})
@@ -105,11 +150,14 @@ def test_prepare_batch_noises_the_one_hot_label_scaled_to_plus_minus_one():
     torch.testing.assert_close(x0[:, 1:2], (y * 2 - 1).to(x0.dtype))
     assert target is kwargs["noise"] and kwargs["condition"] is x and kwargs["mode"] == "concat" and args == ()
     assert kwargs["timesteps"].shape == (2,) and 0 <= kwargs["timesteps"].min() and kwargs["timesteps"].max() < 1000
+    x0, target, _, kwargs = SegmentationDiffusionPrepareBatch(1000, 3, aux_target=True)({"image": x, "label": y})
+    torch.testing.assert_close(target, torch.cat([kwargs["noise"], x0], dim=1))  # the auxiliary head's target too
 
 
-def test_overfits_a_few_synthetic_slices_with_the_default_steps():
+@pytest.mark.parametrize("aux_head", [False, True], ids=["paper", "aux_head"])
+def test_overfits_a_few_synthetic_slices_with_the_default_steps(aux_head):
     torch.manual_seed(0)
-    net = MedSegDiff(**TINY)
+    net = MedSegDiff(**TINY, aux_head=aux_head)
     assert net.num_inference_steps == 10 and net.num_ensemble == 1  # the defaults the bundle samples with
     x, y = _disks()
     trainer = _trainer(net, [{"image": x, "label": y}] * 50)
@@ -158,9 +206,9 @@ def test_override_trains_an_epoch_and_infers_in_the_inputs_geometry(tmp_path):
         "outputs:", f"  weights: {weights}", f"  training log: {tmp_path / 'eval' / 'medsegdiff' / 'training_log.csv'}",
         f"  tensorboard: {tmp_path / 'eval' / 'medsegdiff'}"]  # fmt: skip
     assert weights.is_file() and not (tmp_path / "models" / "model.pt").exists()  # its own folder
-    net = MedSegDiff(2, 1, 4, spatial_size=64)
+    net = MedSegDiff(2, 1, 4, spatial_size=64, aux_head=True)  # the config's: with the auxiliary head
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    assert sum(p.numel() for p in MedSegDiff(2, 1, 4, spatial_size=192).parameters()) == 1_742_608  # the preset stated
+    assert sum(p.numel() for p in MedSegDiff(2, 1, 4, spatial_size=192, aux_head=True).parameters()) == 1_743_068
     log = (tmp_path / "eval" / "medsegdiff" / "training_log.csv").read_text().splitlines()
     assert len(log) == 2 and log[0].startswith("epoch")
 

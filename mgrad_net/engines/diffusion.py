@@ -24,16 +24,20 @@ class SegmentationDiffusionPrepareBatch(DiffusionPrepareBatch):
     ``DiffusionInferer(inputs=x_0, noise=ε, timesteps=t, condition=image, mode="concat")``.
 
     ``x_0 = 2·onehot(label) − 1`` (the multi-class extension of MedSegDiff's binary mask), ε is
-    standard normal noise of its shape (the loss's target) and ``t`` uniform in ``[0, T)``.
+    standard normal noise of its shape (the loss's target) and ``t`` uniform in ``[0, T)``. With
+    ``aux_target`` the target is ``cat([ε, x_0])``, for a network with MedSegDiff's auxiliary ``x_0``
+    head and :class:`mgrad_net.losses.DiffusionSegmentationLoss`.
 
     Args:
         num_train_timesteps: T, the noise scheduler's steps.
         num_classes: classes of the one-hot map, background included.
+        aux_target: append ``x_0`` to the target.
     """
 
-    def __init__(self, num_train_timesteps: int, num_classes: int) -> None:
+    def __init__(self, num_train_timesteps: int, num_classes: int, aux_target: bool = False) -> None:
         super().__init__(num_train_timesteps)
         self.num_classes = int(num_classes)
+        self.aux_target = bool(aux_target)
 
     def __call__(
         self,
@@ -49,4 +53,6 @@ class SegmentationDiffusionPrepareBatch(DiffusionPrepareBatch):
         noise = self.get_noise(x0)
         timesteps = self.get_timesteps(x0)
         target = self.get_target(x0, noise, timesteps)
+        if self.aux_target:
+            target = torch.cat([target, x0], dim=1)
         return x0, target, (), {"noise": noise, "timesteps": timesteps, "condition": images, "mode": "concat"}
