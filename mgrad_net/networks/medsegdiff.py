@@ -192,6 +192,7 @@ class MedSegDiffUNet(nn.Module):
             )
             for i in range(1, len(features))
         )
+
         def head() -> nn.Sequential:
             norm = Norm[Norm.GROUP, spatial_dims](num_groups=norm_num_groups, num_channels=f0)
             return nn.Sequential(norm, nn.SiLU(), conv(f0, num_classes))
