@@ -1,196 +1,24 @@
-"""Ignite handlers the bundle needs beyond MONAI's own."""
+"""The trainer's handlers: stopping at a non-finite loss with the last good state kept, the
+per-epoch training log, and the record of the best validation epoch."""
 
 from __future__ import annotations
 
 import csv
 import io
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
-from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointSaver
-from monai.utils import string_list_all_gather
 
-from mgrad_net.inference import optimize_for_inference
-from mgrad_net.io import atomic_path, atomic_write_json, atomic_write_text
-from mgrad_net.metrics import case_affines, distance_unit
+from mgrad_net.handlers.utils import case_files, finite_mean, is_main_process
+from mgrad_net.io import atomic_path, atomic_write_text
 
-__all__ = [
-    "SegmentationReport",
-    "OptimizeForInference",
-    "StopOnNonFiniteLoss",
-    "TrainingLog",
-    "read_training_log",
-    "BestMetricRecord",
-]
-
-
-def _finite_mean(values: Sequence[float]) -> float | None:
-    """The mean of the finite values; ``None`` if there are none."""
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None
-
-
-def _is_main_process() -> bool:
-    """Whether this process writes a run's shared files: the only process, or rank 0 of a distributed run."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _case_files(batch: dict | list, image_key: str) -> list[str]:
-    """The source file of each case of an engine's batch, ``"?"`` for a case whose image has no
-    ``filename_or_obj`` metadata.
-
-    MONAI's trainers keep the batch collated (one dict, its image B×C×…) and its evaluators
-    decollate it (a list of per-case dicts), so both forms are read.
-    """
-    decollated = isinstance(batch, list)
-    files: list[str] = []
-    for item in batch if decollated else [batch]:
-        image = item.get(image_key) if isinstance(item, dict) else None
-        names = (getattr(image, "meta", None) or {}).get("filename_or_obj")
-        if names is None:
-            cases = 1 if decollated or image is None or not hasattr(image, "shape") else int(image.shape[0])
-            names = ["?"] * cases
-        files.extend([names] if isinstance(names, str) else [str(n) for n in names])
-    return files
-
-
-class SegmentationReport:
-    """Writes the per-case × per-class metrics of an evaluation run and their summary.
-
-        Reads the per-case details that MONAI's metric handlers (``MeanDice``, ``HausdorffDistance``,
-        ``MeanIoUHandler``, ``SurfaceDistance``, with ``save_details=True``) leave in
-        ``engine.state.metric_details``, and on completion writes, atomically:
-
-        - ``<output_dir>/metrics.csv``: one row per case and class: ``case, class, <metric>…``;
-        - ``<output_dir>/summary.json``: ``{"mean": {metric: …}, "per_class": {class: {metric: …}},
-          "cases": n, "nonfinite": {metric: count}, "distance_unit": …}``.
-
-    ``distance_unit`` is the unit of the distance metrics (HD95, ASD): ``"mm"`` where every case's
-    label carries its voxel spacing (:mod:`mgrad_net.metrics` then measures in millimetres),
-    ``"voxels"`` where none does (an identity affine: the spacing was lost), and ``"mixed"``, with
-    ``distance_unit_cases`` counting each, where the cases disagree.
-
-        A distance is undefined (MONAI gives NaN, or inf) where the prediction or the ground truth
-        lacks a class; means are taken over the finite values, and ``nonfinite`` counts the others
-        per metric, so a missed structure is never silently averaged away. In a distributed run the
-        case names are gathered from every rank and rank 0 writes.
-
-        Args:
-            output_dir: folder of the two files.
-            class_names: names of the classes the metrics cover (background excluded if they exclude it).
-            metrics: report name → engine metric name, e.g. ``{"dice": "val_mean_dice"}``.
-            image_key: batch key whose metadata names each case.
-            label_key: batch key whose affine gives each case's distance unit.
-    """
-
-    def __init__(
-        self,
-        output_dir: str,
-        class_names: Sequence[str],
-        metrics: dict[str, str],
-        image_key: str = "image",
-        label_key: str = "label",
-    ) -> None:
-        self.output_dir = Path(output_dir)
-        self.class_names = list(class_names)
-        self.metrics = dict(metrics)
-        self.image_key = image_key
-        self.label_key = label_key
-        self._cases: list[str] = []
-        self._units: list[str] = []
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect_names)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self._cases, self._units = [], []
-
-    def _collect_names(self, engine: Engine) -> None:
-        batch = engine.state.batch
-        files = _case_files(batch, self.image_key)
-        self._cases.extend(Path(f).name for f in files)
-        units = []
-        for item in batch if isinstance(batch, list) else [batch]:
-            label = item.get(self.label_key) if isinstance(item, dict) else None
-            if isinstance(batch, list) and isinstance(label, MetaTensor):
-                label = label.unsqueeze(0)  # a decollated case: give it its batch dimension back
-            units.extend(distance_unit(a) for a in case_affines(label) or [])
-        self._units.extend(units if len(units) == len(files) else [distance_unit(None)] * len(files))
-
-    def _write(self, engine: Engine) -> None:
-        cases = string_list_all_gather(self._cases)  # every rank takes part in the gather
-        units = string_list_all_gather(self._units)
-        if not _is_main_process():
-            return
-        details = {}
-        for name, key in self.metrics.items():
-            if key not in engine.state.metric_details:
-                raise KeyError(f"SegmentationReport: no details for metric {key!r}; is it attached with save_details?")
-            values = torch.as_tensor(engine.state.metric_details[key]).float().reshape(len(cases), -1)
-            if values.shape[1] != len(self.class_names):
-                raise ValueError(
-                    f"metric {key!r} has {values.shape[1]} classes, but class_names lists {len(self.class_names)}."
-                )
-            details[name] = values.tolist()
-
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["case", "class", *details])
-        for i, case in enumerate(cases):
-            for c, cls in enumerate(self.class_names):
-                writer.writerow([case, cls, *(repr(details[m][i][c]) for m in details)])
-        atomic_write_text(self.output_dir / "metrics.csv", buf.getvalue())
-
-        per_class = {
-            cls: {m: _finite_mean([row[c] for row in details[m]]) for m in details}
-            for c, cls in enumerate(self.class_names)
-        }
-        summary = {
-            "mean": {m: _finite_mean([v for row in details[m] for v in row]) for m in details},
-            "per_class": per_class,
-            "cases": len(cases),
-            "nonfinite": {m: sum(not math.isfinite(v) for row in details[m] for v in row) for m in details},
-            "distance_unit": units[0] if len(set(units)) == 1 else "mixed",
-        }
-        if len(set(units)) > 1:
-            summary["distance_unit_cases"] = {u: units.count(u) for u in sorted(set(units))}
-        atomic_write_json(self.output_dir / "summary.json", summary)
-
-
-class OptimizeForInference:
-    """Turns the evaluator's network into its inference form when the run starts.
-
-    Attach it after the ``CheckpointLoader``: both act on STARTED, in the order attached, so the
-    weights are loaded before BatchNorm is folded into them. The network is changed in place
-    (see :func:`mgrad_net.inference.optimize_for_inference`), so use it only in runs that do
-    not train the same network afterwards.
-
-    Args:
-        network: the evaluator's network.
-        fold_bn: fold BatchNorm into the preceding convolutions.
-        channels_last: use the channels-last memory format.
-    """
-
-    def __init__(self, network: torch.nn.Module, fold_bn: bool = True, channels_last: bool = True) -> None:
-        self.network = network
-        self.fold_bn = fold_bn
-        self.channels_last = channels_last
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        optimize_for_inference(self.network, fold_bn=self.fold_bn, channels_last=self.channels_last)
+__all__ = ["StopOnNonFiniteLoss", "TRAINING_LOG_FIELDS", "read_training_log", "TrainingLog", "BestMetricRecord"]
 
 
 class StopOnNonFiniteLoss:
@@ -244,7 +72,7 @@ class StopOnNonFiniteLoss:
                 state[name] = {**state[name], **self._buffers[name]}
         with atomic_path(self.save_dir / "last_good.pt") as tmp:
             torch.save(state, tmp)
-        files = _case_files(engine.state.batch, self.image_key)
+        files = case_files(engine.state.batch, self.image_key)
         raise FloatingPointError(
             f"non-finite loss ({float(loss.float().mean())}) at iteration {engine.state.iteration}, "
             f"feedback pass {self._pass}, epoch {engine.state.epoch}; batch files: {', '.join(files)}. "
@@ -344,12 +172,12 @@ class TrainingLog:
         if details is not None and self.class_names:
             values = torch.as_tensor(details).float().reshape(-1, len(self.class_names))
             for name, column in zip(self.class_names, values.T):
-                mean = _finite_mean(column.tolist())  # a class absent from a case's ground truth: NaN there
+                mean = finite_mean(column.tolist())  # a class absent from a case's ground truth: NaN there
                 row[f"val_dice_{name}"] = mean if mean is not None else float("nan")
         return row
 
     def _write(self, engine: Engine) -> None:
-        if not _is_main_process():
+        if not is_main_process():
             return
         row = {
             "epoch": engine.state.epoch,
