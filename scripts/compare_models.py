@@ -47,10 +47,13 @@ ROWS: dict[str, tuple] = {
     "SwinUNETR": (["swinunetr"], "docs/training_log_swinunetr.csv", "models/swinunetr/model.pt"),
     "SwinUNETR-RecA": (["swinunetr_reca"], "docs/training_log_swinunetr_reca.csv", "models/swinunetr_reca/model.pt"),
     "MedSegDiff (DDIM 10 steps × 1)": (["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt"),
-    "MedSegDiff (DDIM 25 steps × 1)": (
-        ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt", {"network_def#num_inference_steps": 25}),
-    "MedSegDiff (DDIM 10 steps × 5)": (
-        ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt", {"network_def#num_ensemble": 5}),
+    "MedSegDiff (DDIM 2 steps × 1)": (
+        ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt", {"network_def#num_inference_steps": 2}),
+    "MedSegDiff (DDIM 2 steps × 5)": (
+        ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt",
+        {"network_def#num_inference_steps": 2, "network_def#num_ensemble": 5}),
+    "MedSegDiff (DDIM 10 steps × 1; noise head only)": (
+        ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt", {"network_def#aux_blend": 0.0}),
     "Hi-gMISnet": (["higmisnet"], "docs/training_log_higmisnet.csv", "models/higmisnet/model.pt"),
 }  # fmt: skip
 
