@@ -51,13 +51,16 @@ def test_target_with_wrong_channel_count_is_rejected():
 
 
 @pytest.mark.parametrize(
-    "batch,recompute,per_call",
-    [(True, True, 8), (False, True, 8), (True, False, 31), (False, False, 1), (True, True, 5), (True, True, None)],
-)
-def test_aggregated_loss_equals_brute_force_over_31_subsets(batch, recompute, per_call):
+    "batch,recompute,per_call,options",
+    [(True, True, 8, {}), (False, True, 8, {}), (True, False, 31, {}), (False, False, 1, {}), (True, True, 5, {}),
+     (True, True, None, {}), (True, False, 31, {"include_background": False, "squared_pred": False}),
+     (False, False, 31, {"include_background": False, "lambda_dice": 0.2, "lambda_ce": 0.8, "smooth": 1.0})],
+)  # fmt: skip
+def test_aggregated_loss_equals_brute_force_over_31_subsets(batch, recompute, per_call, options):
+    """The folded, chunked scoring against MONAI's DiceCELoss on each subset sum, option by option."""
     side = [torch.randn(2, 4, 16, 16, requires_grad=True) for _ in range(5)]
     target = torch.randint(0, 4, (2, 1, 16, 16))
-    seg = SegmentationLoss(batch=batch)
+    seg = SegmentationLoss(batch=batch, **options)
     aggregated = AggregatedLoss(seg, recompute=recompute, subsets_per_call=per_call)
     if per_call is None:
         aggregated.call_elements = 3 * side[0].numel()  # sized for three subsets per call
