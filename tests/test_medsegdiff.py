@@ -69,7 +69,7 @@ def test_a_size_other_than_the_maps_is_an_error_naming_both():
 
 
 def _trainer(net: MedSegDiff, loader, lr: float = 3e-3) -> FeedbackTrainer:
-    aux = net.unet.aux_out is not None
+    aux = net.aux_head
     return FeedbackTrainer(
         device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=net,
         optimizer=torch.optim.AdamW(net.parameters(), lr=lr),

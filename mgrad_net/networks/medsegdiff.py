@@ -244,10 +244,11 @@ class MedSegDiff(nn.Module):
 
     With ``aux_head`` (see :class:`MedSegDiffUNet`) each DDIM step takes as its estimate of ``x_0``
     ``aux_blend · head + (1 − aux_blend) · x̂_0(ε)``, where ``x̂_0(ε) = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t`` is
-    the noise head's, and hands the sampler the noise that this estimate implies. The official code
-    blends the head's output with the diffusion sample once, at the end; blending at every step
-    lets the head steer the early steps, where the noise head cannot read the image. ``aux_blend`` 0
-    is the paper's sampler, 1 samples with the head alone (an ``x_0``-predicting diffusion model).
+    the noise head's; the sampler (MONAI's DDIM with ``prediction_type="sample"``) continues from
+    the noise that estimate implies. The official code blends the head's output with the finished
+    sample; blending at every step lets the head steer the early steps, where the noise head cannot
+    read the image. ``aux_blend`` 0 is the paper's sampler, 1 samples with the head alone (an
+    ``x_0``-predicting diffusion model).
 
     Args:
         spatial_dims: number of spatial dimensions.
@@ -294,9 +295,10 @@ class MedSegDiff(nn.Module):
         self.unet = MedSegDiffUNet(
             spatial_dims, in_channels, out_channels, spatial_size, features, norm_num_groups, skip_condition, aux_head
         )
-        self.aux_blend = float(aux_blend)
+        self.aux_head, self.aux_blend = bool(aux_head), float(aux_blend)
         self.noise_scheduler = DDPMScheduler(num_train_timesteps, schedule)
-        self.sampler = DDIMScheduler(num_train_timesteps, schedule, clip_sample=True)
+        prediction = "sample" if self.aux_head else "epsilon"  # what segment() hands the sampler: x_0 or ε
+        self.sampler = DDIMScheduler(num_train_timesteps, schedule, clip_sample=True, prediction_type=prediction)
         self.num_classes = out_channels
         self.num_inference_steps, self.num_ensemble, self.seed = int(num_inference_steps), int(num_ensemble), int(seed)
 
@@ -321,17 +323,19 @@ class MedSegDiff(nn.Module):
             denoised = sample
             for t in self.sampler.timesteps:
                 timesteps = torch.full((b,), int(t), device=image.device, dtype=torch.long)
-                eps = self.noise_estimate(self.unet(torch.cat([sample, image], dim=1), timesteps), sample, int(t))
-                sample, denoised = self.sampler.step(eps, int(t), sample)
+                output = self.unet(torch.cat([sample, image], dim=1), timesteps)
+                if self.aux_head:
+                    output = self.x0_estimate(output, sample, int(t))
+                sample, denoised = self.sampler.step(output, int(t), sample)
             total = total + denoised
         return total / self.num_ensemble
 
-    def noise_estimate(self, output: torch.Tensor, sample: torch.Tensor, t: int) -> torch.Tensor:
-        """The noise a sampling step uses: the network's ε, or with ``aux_head`` the noise implied by the
-        blended ``x_0`` estimate (``ε = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t)``, so the sampler's own ``x_0`` is it)."""
-        if self.unet.aux_out is None:
-            return output
+    def x0_estimate(self, output: torch.Tensor, sample: torch.Tensor, t: int) -> torch.Tensor:
+        """A sampling step's ``x_0`` estimate from the network's ``cat([ε, x_0])`` at ``x_t = sample``:
+        the auxiliary head's, blended with the noise head's by ``aux_blend``."""
         eps, head = output[:, : self.num_classes], output[:, self.num_classes :]
+        if self.aux_blend == 1.0:
+            return head
         alpha = self.sampler.alphas_cumprod[t].to(sample.device, sample.dtype)
-        x0 = self.aux_blend * head + (1 - self.aux_blend) * (sample - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-        return (sample - alpha.sqrt() * x0) / (1 - alpha).sqrt()
+        from_eps = (sample - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+        return self.aux_blend * head + (1 - self.aux_blend) * from_eps
