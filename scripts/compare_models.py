@@ -10,6 +10,11 @@ bundle's ``inference`` with the same overrides. Rows whose checkpoint is missing
 trained. Distances (HD95, ASD) are in mm where the data carries its spacing and in voxels where it
 has none (the shared ACDC copy), as each row's ``summary.json`` says; the header names the unit.
 The table is printed and, with ``--markdown``, written to a file (the model card's results table).
+
+    python scripts/compare_models.py --sizes
+
+prints only each row's parameters and forward GFLOPs per slice (``torch.utils.flop_counter``), in a
+minute and without checkpoints or data.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ MEDSEGDIFF_LOG = "docs/training_log_medsegdiff.csv"
 ROWS: dict[str, tuple] = {
     "MGRAD-UNet (shipped weights)": ([], SHIPPED_LOGS, "models/model.pt"),
     "MGRAD-UNet, 3 feedback passes at inference": (["ablation_inference_feedback"], SHIPPED_LOGS, "models/model.pt"),
+    "MGRAD-UNet (60-min protocol)": ([], "docs/training_log_mgrad_protocol.csv", "models/mgrad_protocol/model.pt"),
     "MGRAD-UNet trained without feedback": (
         ["ablation_no_feedback"], "docs/training_log_ablation_no_feedback.csv", "models/ablation_no_feedback/model.pt"),
     "MGRAD-UNet, weighted side loss": (
@@ -62,13 +68,48 @@ def _configs(names: list[str]) -> list[str]:
     return [str(BUNDLE / "configs" / f"{n}.json") for n in ["train", "evaluate", *names]]
 
 
-def parameter_count(overrides: list[str]) -> int:
+def _parser(overrides: list[str], ids: dict | None = None):
+    """The row's training config (train.json + its overrides + its ids), as the bundle reads it."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / f"{n}.json") for n in ["train", *overrides]])
     parser["bundle_root"] = str(BUNDLE)
-    return sum(p.numel() for p in parser.get_parsed_content("network_def").parameters())
+    for key, value in (ids or {}).items():
+        parser[key] = value
+    return parser
+
+
+def network_size(overrides: list[str], ids: dict | None = None, flops: bool = True) -> tuple[int, float | None]:
+    """Parameters, and forward GFLOPs per slice at ``roi_size`` (``torch.utils.flop_counter``) of the
+    row's network as the bundle infers with it: in eval mode, so a sampling network counts all its
+    steps and ensemble members, and a feedback row all its passes. ``ids``: the row's overrides."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parser = _parser(overrides, ids)
+    net = parser.get_parsed_content("network_def").eval()
+    params = sum(p.numel() for p in net.parameters())
+    if not flops:
+        return params, None
+    slice_ = torch.zeros(1, parser["network_def"].get("in_channels", 1), *parser.get_parsed_content("roi_size"))
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        net(slice_)
+    return params, counter.get_total_flops() / 1e9
+
+
+def size_table(chosen: list[str]) -> str:
+    """Each row's network: parameters and forward GFLOPs per slice, trained or not (no evaluation)."""
+    lines = ["| model | parameters | GFLOPs per slice | roi_size |", "|---|---|---|---|"]
+    for name in chosen:
+        overrides, _, _, ids = (*ROWS[name], {})[:4]
+        params, gflops = network_size(overrides, ids)
+        size = "×".join(map(str, _parser(overrides, ids).get_parsed_content("roi_size")))
+        lines.append(f"| {name} | {params:,} | {gflops:.2f} | {size} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    note = ("\nGFLOPs per slice: one slice's forward at roi_size as the bundle infers (`torch.utils.flop_counter`; "
+            "every sampling step, ensemble member and feedback pass counted).")  # fmt: skip
+    return "\n".join(lines) + "\n" + note + "\n"
 
 
 def _log_rows(logs: list[Path]) -> list[dict[str, str]]:
@@ -172,6 +213,7 @@ def compare(
     rows: str | None = None,
     markdown: str | None = None,
     output_dir: str | None = None,
+    sizes: bool = False,
 ) -> str:
     """Evaluate each trained row on ``dataset_dir``'s ``section``; print (and optionally write) the table.
 
@@ -181,8 +223,17 @@ def compare(
         rows: comma-separated row names to run (default: every row whose checkpoint exists).
         markdown: also write the table to this file.
         output_dir: keep each row's metrics.csv and summary.json under it (default: a temporary folder).
+        sizes: print only each row's parameters and forward GFLOPs per slice (trained or not; no evaluation).
     """
     chosen = [r.strip() for r in rows.split(",")] if rows else list(ROWS)
+    if sizes:
+        table = size_table(chosen)
+        print(table)
+        if markdown:
+            from mgrad_net.io import atomic_write_text
+
+            atomic_write_text(markdown, table)
+        return table
     keep = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="compare_models_"))
     lines, units = [], []
     summary: dict = {"cases": 0}  # the note's count when no chosen row is trained
@@ -200,7 +251,7 @@ def compare(
         mean = summary["mean"]
         units.append(summary.get("distance_unit", "voxels"))
         seconds = inference_seconds(overrides, dataset_dir, section, BUNDLE / ckpt, ids)
-        cells = [name, f"{parameter_count(overrides):,}", str(epochs or "–"), _fmt(minutes, 1),
+        cells = [name, f"{network_size(overrides, ids, flops=False)[0]:,}", str(epochs or "–"), _fmt(minutes, 1),
                  _fmt(minutes_to(logs, 0.85), 1), _fmt(minutes_to(logs, 0.90), 1), *map(_fmt, dice),
                  _fmt(mean["dice"]), _fmt(mean["iou"]), _fmt(mean["hd95"], 2), _fmt(mean["asd"], 2),
                  _fmt(seconds, 2)]  # fmt: skip

@@ -36,3 +36,20 @@ def test_minutes_add_up_over_stages_validation_excluded_where_logged(tmp_path):
     assert minutes_to(logs, 0.90) == pytest.approx(30.0)  # through stage 2's unvalidated epoch
     assert minutes_to(logs, 0.95) is None
     assert training_minutes([tmp_path / "missing.csv"]) == (None, None)
+
+
+def test_network_size_counts_what_the_bundle_runs_at_inference():
+    # parameters as the config builds them; FLOPs of one slice's eval forward at roi_size, so
+    # feedback passes and sampling members multiply the single forward's count
+    import torch
+    from compare_models import network_size
+    from monai.networks.nets import BasicUNet
+
+    params, gflops = network_size(["baseline_basicunet"])
+    assert params == sum(p.numel() for p in BasicUNet(2, 1, 4, features=(14, 28, 56, 112, 224, 14)).parameters())
+    mgrad = network_size([])
+    assert network_size(["ablation_inference_feedback"])[1] == pytest.approx(3 * mgrad[1], rel=0.01)
+    one = network_size(["medsegdiff"], {"network_def#num_inference_steps": 1})
+    three = network_size(["medsegdiff"], {"network_def#num_inference_steps": 1, "network_def#num_ensemble": 3})
+    assert one[0] == three[0] and three[1] == pytest.approx(3 * one[1], rel=0.001)
+    assert gflops < mgrad[1] and torch.is_grad_enabled()  # nothing left in inference mode
