@@ -179,10 +179,11 @@ def evaluate(
     section: str,
     extra: list[str] = (),
     log: Path | None = None,
+    ckpt: Path | None = None,
 ) -> dict:
     """The bundle's ``evaluate`` with the override configs ``overrides`` (and command-line
     overrides ``extra``) on ``section``, in a subprocess; returns its ``summary.json``. ``log``:
-    a file the command line is appended to."""
+    a file the command line is appended to. ``ckpt``: the weights (default: the configs' ``ckpt_path``)."""
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "evaluating",
         "--config_file", json.dumps(_configs(overrides)),
@@ -192,6 +193,7 @@ def evaluate(
         "--dataset_dir", dataset_dir,
         "--eval_section", section,
         "--output_dir", str(output_dir),
+        *(["--ckpt_path", str(ckpt)] if ckpt is not None else []),
         *extra,
     ]  # fmt: skip
     if log is not None:
@@ -243,7 +245,7 @@ def compare(
             print(f"{name}: not trained ({ckpt} missing), skipped", file=sys.stderr)
             continue
         extra = [arg for key, value in ids.items() for arg in (f"--{key}", json.dumps(value))]
-        summary = evaluate(overrides, dataset_dir, keep / f"row{i}", section, extra)
+        summary = evaluate(overrides, dataset_dir, keep / f"row{i}", section, extra, ckpt=BUNDLE / ckpt)
         per_class = summary["per_class"]
         dice = [per_class[c]["dice"] for c in ("right ventricle", "myocardium", "left ventricle")]
         logs = [BUNDLE / part for part in log.split(",")]

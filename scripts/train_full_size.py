@@ -103,8 +103,7 @@ def main(
     _run(train, out)
 
     summary = evaluate([*names], dataset_dir, out / "evaluation", "validation", log=out / "commands.txt",
-                       extra=["--ckpt_path", str(out / "model.pt"), "--amp", str(amp).lower(),
-                              *shlex.split(overrides)])  # fmt: skip
+                       ckpt=out / "model.pt", extra=["--amp", str(amp).lower(), *shlex.split(overrides)])  # fmt: skip
     mean, per_class = summary["mean"], summary["per_class"]
     dice = " / ".join(_fmt(per_class[c]["dice"]) for c in ("right ventricle", "myocardium", "left ventricle"))
     cells = [

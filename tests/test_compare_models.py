@@ -11,7 +11,7 @@ import pytest
 from tests.bundle_utils import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
-from compare_models import minutes_to, training_minutes  # noqa: E402
+from compare_models import BUNDLE, evaluate, minutes_to, training_minutes  # noqa: E402
 
 
 def _log(path, rows, fields):
@@ -53,3 +53,11 @@ def test_network_size_counts_what_the_bundle_runs_at_inference():
     three = network_size(["medsegdiff"], {"network_def#num_inference_steps": 1, "network_def#num_ensemble": 3})
     assert one[0] == three[0] and three[1] == pytest.approx(3 * one[1], rel=0.001)
     assert gflops < mgrad[1] and torch.is_grad_enabled()  # nothing left in inference mode
+
+
+def test_each_row_is_evaluated_with_its_own_checkpoint(tmp_path):
+    # a row without an override config of its own (the default ckpt_dir) must still be scored with
+    # the row's weights: a checkpoint that is not there is the evaluation's error, naming the file
+    missing = tmp_path / "not_trained" / "model.pt"
+    with pytest.raises(RuntimeError, match="not_trained/model.pt"):
+        evaluate(["quick"], str(BUNDLE / "data" / "synthetic"), tmp_path / "out", "validation", ckpt=missing)
