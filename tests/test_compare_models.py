@@ -1,5 +1,6 @@
-"""scripts/compare_models.py's training columns, from training logs written by the bundle's own
-TrainingLog format: minutes over stages, and minutes to first reach a validation Dice."""
+"""scripts/compare_models.py: the training columns, from training logs written by the bundle's own
+TrainingLog format (minutes over stages, minutes to first reach a validation Dice); the networks'
+sizes as the bundle builds them; and each row scored with its own checkpoint."""
 
 from __future__ import annotations
 
