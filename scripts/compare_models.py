@@ -68,8 +68,9 @@ def _configs(names: list[str]) -> list[str]:
     return [str(BUNDLE / "configs" / f"{n}.json") for n in ["train", "evaluate", *names]]
 
 
-def _parser(overrides: list[str], ids: dict | None = None):
-    """The row's training config (train.json + its overrides + its ids), as the bundle reads it."""
+def _network(overrides: list[str], ids: dict | None = None):
+    """The row's network in eval mode, built from its training config (train.json + its overrides +
+    its ids, as the bundle reads them), and the config's ``roi_size`` and input channels."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -77,25 +78,26 @@ def _parser(overrides: list[str], ids: dict | None = None):
     parser["bundle_root"] = str(BUNDLE)
     for key, value in (ids or {}).items():
         parser[key] = value
-    return parser
+    net = parser.get_parsed_content("network_def").eval()
+    return net, parser.get_parsed_content("roi_size"), parser["network_def"].get("in_channels", 1)
 
 
-def network_size(overrides: list[str], ids: dict | None = None, flops: bool = True) -> tuple[int, float | None]:
-    """Parameters, and forward GFLOPs per slice at ``roi_size`` (``torch.utils.flop_counter``) of the
-    row's network as the bundle infers with it: in eval mode, so a sampling network counts all its
-    steps and ensemble members, and a feedback row all its passes. ``ids``: the row's overrides."""
+def parameter_count(overrides: list[str], ids: dict | None = None) -> int:
+    return sum(p.numel() for p in _network(overrides, ids)[0].parameters())
+
+
+def network_size(overrides: list[str], ids: dict | None = None) -> tuple[int, float, list[int]]:
+    """Parameters, forward GFLOPs per slice (``torch.utils.flop_counter``) and ``roi_size`` of the row's
+    network as the bundle infers with it: one slice at ``roi_size`` in eval mode, so a sampling network
+    counts all its steps and ensemble members, and a feedback row all its passes. ``ids``: the row's
+    overrides."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    parser = _parser(overrides, ids)
-    net = parser.get_parsed_content("network_def").eval()
-    params = sum(p.numel() for p in net.parameters())
-    if not flops:
-        return params, None
-    slice_ = torch.zeros(1, parser["network_def"].get("in_channels", 1), *parser.get_parsed_content("roi_size"))
+    net, roi_size, in_channels = _network(overrides, ids)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        net(slice_)
-    return params, counter.get_total_flops() / 1e9
+        net(torch.zeros(1, in_channels, *roi_size))
+    return sum(p.numel() for p in net.parameters()), counter.get_total_flops() / 1e9, roi_size
 
 
 def size_table(chosen: list[str]) -> str:
@@ -103,9 +105,8 @@ def size_table(chosen: list[str]) -> str:
     lines = ["| model | parameters | GFLOPs per slice | roi_size |", "|---|---|---|---|"]
     for name in chosen:
         overrides, _, _, ids = (*ROWS[name], {})[:4]
-        params, gflops = network_size(overrides, ids)
-        size = "×".join(map(str, _parser(overrides, ids).get_parsed_content("roi_size")))
-        lines.append(f"| {name} | {params:,} | {gflops:.2f} | {size} |")
+        params, gflops, roi_size = network_size(overrides, ids)
+        lines.append(f"| {name} | {params:,} | {gflops:.2f} | {'×'.join(map(str, roi_size))} |")
         print(lines[-1], file=sys.stderr, flush=True)
     note = ("\nGFLOPs per slice: one slice's forward at roi_size as the bundle infers (`torch.utils.flop_counter`; "
             "every sampling step, ensemble member and feedback pass counted).")  # fmt: skip
@@ -228,14 +229,17 @@ def compare(
         sizes: print only each row's parameters and forward GFLOPs per slice (trained or not; no evaluation).
     """
     chosen = [r.strip() for r in rows.split(",")] if rows else list(ROWS)
-    if sizes:
-        table = size_table(chosen)
-        print(table)
-        if markdown:
-            from mgrad_net.io import atomic_write_text
+    table = size_table(chosen) if sizes else results_table(chosen, dataset_dir, section, output_dir)
+    print(table)
+    if markdown:
+        from mgrad_net.io import atomic_write_text
 
-            atomic_write_text(markdown, table)
-        return table
+        atomic_write_text(markdown, table)
+    return table
+
+
+def results_table(chosen: list[str], dataset_dir: str, section: str, output_dir: str | None) -> str:
+    """The evaluation table of the ``chosen`` rows that are trained (see :func:`compare`)."""
     keep = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="compare_models_"))
     lines, units = [], []
     summary: dict = {"cases": 0}  # the note's count when no chosen row is trained
@@ -253,7 +257,7 @@ def compare(
         mean = summary["mean"]
         units.append(summary.get("distance_unit", "voxels"))
         seconds = inference_seconds(overrides, dataset_dir, section, BUNDLE / ckpt, ids)
-        cells = [name, f"{network_size(overrides, ids, flops=False)[0]:,}", str(epochs or "–"), _fmt(minutes, 1),
+        cells = [name, f"{parameter_count(overrides, ids):,}", str(epochs or "–"), _fmt(minutes, 1),
                  _fmt(minutes_to(logs, 0.85), 1), _fmt(minutes_to(logs, 0.90), 1), *map(_fmt, dice),
                  _fmt(mean["dice"]), _fmt(mean["iou"]), _fmt(mean["hd95"], 2), _fmt(mean["asd"], 2),
                  _fmt(seconds, 2)]  # fmt: skip
@@ -273,13 +277,7 @@ def compare(
             "Training minutes exclude validation where the log has train_seconds (older logs: epoch wall time); "
             "min to 0.85 / 0.90: training minutes until the first epoch at that validation Dice (– never); "
             "inference: the bundle's inference run per volume, start-up excluded.")  # fmt: skip
-    table = "\n".join(lines) + "\n" + note + "\n"
-    print(table)
-    if markdown:
-        from mgrad_net.io import atomic_write_text
-
-        atomic_write_text(markdown, table)
-    return table
+    return "\n".join(lines) + "\n" + note + "\n"
 
 
 if __name__ == "__main__":

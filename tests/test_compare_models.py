@@ -46,7 +46,7 @@ def test_network_size_counts_what_the_bundle_runs_at_inference():
     from compare_models import network_size
     from monai.networks.nets import BasicUNet
 
-    params, gflops = network_size(["baseline_basicunet"])
+    params, gflops, _ = network_size(["baseline_basicunet"])
     assert params == sum(p.numel() for p in BasicUNet(2, 1, 4, features=(14, 28, 56, 112, 224, 14)).parameters())
     mgrad = network_size([])
     assert network_size(["ablation_inference_feedback"])[1] == pytest.approx(3 * mgrad[1], rel=0.01)
