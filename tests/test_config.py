@@ -171,3 +171,16 @@ def test_the_bundle_trains_with_every_switch_given_as_text(tmp_path, tiny_data):
     workflow = _train(tmp_path, tiny_data, max_epochs=2, resume="true", **net)
     assert workflow.parser.get_parsed_content("train#trainer").state.epoch == 2
     assert [int(r["epoch"]) for r in read_training_log(tmp_path / "eval" / "training_log.csv")] == [1, 2]
+
+
+@pytest.mark.parametrize("sampling", ["true", "false"])
+def test_training_patches_are_cut_at_the_inference_scale(tmp_path, tiny_data, sampling):
+    # --train#patch_size "[16,16]" (a list, as fire hands it over): training samples are 16x16 patches of
+    # the slice resized to roi_size (32x32); validation still infers whole volumes at roi_size
+    workflow = _train(tmp_path, tiny_data, max_epochs=1, **{"train#patch_size": [16, 16],
+                      "train#foreground_sampling": sampling})  # fmt: skip
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 1
+    # the engine's output, decollated: one dict per sample
+    assert {tuple(s[k].shape[-2:]) for s in trainer.state.output for k in ("image", "label")} == {(16, 16)}
+    assert float(read_training_log(tmp_path / "eval" / "training_log.csv")[0]["val_mean_dice"]) >= 0
