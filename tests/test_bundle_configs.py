@@ -23,7 +23,7 @@ SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
 # what the model is: defined in inference.json and, identically, in train.json (overrides such as
 # synapse.json replace some)
 SHARED = {"class_names", "num_classes", "roi_size", "network_def", "intensity_transform", "preprocessing",
-          "inferer", "prediction", "handlers"}  # fmt: skip
+          "inferer", "prediction", "keep_largest_component", "handlers"}  # fmt: skip
 
 
 def _parser(*names: str, **overrides: object) -> ConfigParser:
@@ -194,6 +194,27 @@ def test_training_and_validation_prepare_images_with_the_inference_transforms():
     assert parser.get_parsed_content("validate#inferer") is parser.get_parsed_content("inferer")
     prediction = parser.get_parsed_content("prediction")
     assert parser.get_parsed_content("validate#postprocessing").transforms[0] is prediction
+
+
+@pytest.mark.parametrize("given", [None, "false"])
+def test_prediction_keeps_each_class_largest_component_unless_switched_off(given):
+    # a label map (1×H×W×D) with each class in one block, plus islands of classes 1 and 3 apart from them
+    label = torch.zeros(1, 16, 16, 4)
+    label[0, 2:6, 2:6, :] = 1
+    label[0, 8:12, 2:6, :] = 2
+    label[0, 8:12, 8:12, :] = 3
+    islands = label.clone()
+    islands[0, 14, 14, 1] = 1
+    islands[0, 0, 15, 2] = 3
+    for name in ("train", "inference"):
+        parser = _parser(name) if given is None else _parser(name, keep_largest_component=given)
+        steps = list(parser.get_parsed_content("prediction").transforms)
+        last = steps[-1]
+        if given == "false":
+            assert len(steps) == 2 and type(last).__name__ == "Invertd", name
+            continue
+        assert type(last).__name__ == "KeepLargestConnectedComponentd", name
+        assert torch.equal(last({"pred": islands})["pred"].as_tensor(), label), name
 
 
 def test_evaluation_attaches_the_inference_loading_handlers_then_its_reports():
