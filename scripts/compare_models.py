@@ -36,7 +36,8 @@ BUNDLE = REPO / "bundle"
 # by id]), paths in the bundle; weights trained in stages list one log per stage, and the row sums them;
 # the ids override evaluation and inference only (MedSegDiff's sampling rows share one training)
 SHIPPED_LOGS = (
-    "docs/training_log.csv,docs/training_log_stage1.csv,docs/training_log_stage2.csv,docs/training_log_stage3.csv"
+    "docs/training_log.csv,docs/training_log_stage1.csv,docs/training_log_stage2.csv,docs/training_log_stage3.csv,"
+    "docs/training_log_stage4.csv"
 )
 MEDSEGDIFF_LOG = "docs/training_log_medsegdiff.csv"
 ROWS: dict[str, tuple] = {
@@ -210,6 +211,20 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def row_names(rows: str) -> list[str]:
+    """The row names in the comma-separated ``rows``; a name may itself hold a comma
+    ("MGRAD-UNet, 3 feedback passes at inference"), so pieces join until they make a row's name."""
+    names, part = [], ""
+    for piece in rows.split(","):
+        part = f"{part},{piece}" if part else piece
+        if part.strip() in ROWS:
+            names.append(part.strip())
+            part = ""
+    if part.strip():
+        raise ValueError(f"unknown row {part.strip()!r}; the rows are: {'; '.join(ROWS)}")
+    return names
+
+
 def compare(
     dataset_dir: str = str(REPO.parent / "shared" / "data" / "acdc"),
     section: str = "validation",
@@ -228,7 +243,7 @@ def compare(
         output_dir: keep each row's metrics.csv and summary.json under it (default: a temporary folder).
         sizes: print only each row's parameters and forward GFLOPs per slice (trained or not; no evaluation).
     """
-    chosen = [r.strip() for r in rows.split(",")] if rows else list(ROWS)
+    chosen = row_names(rows) if rows else list(ROWS)
     table = size_table(chosen) if sizes else results_table(chosen, dataset_dir, section, output_dir)
     print(table)
     if markdown:

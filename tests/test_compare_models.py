@@ -12,7 +12,7 @@ import pytest
 from tests.bundle_utils import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
-from compare_models import BUNDLE, evaluate, minutes_to, training_minutes  # noqa: E402
+from compare_models import BUNDLE, evaluate, minutes_to, row_names, training_minutes  # noqa: E402
 
 
 def _log(path, rows, fields):
@@ -62,3 +62,11 @@ def test_each_row_is_evaluated_with_its_own_checkpoint(tmp_path):
     missing = tmp_path / "not_trained" / "model.pt"
     with pytest.raises(RuntimeError, match="not_trained/model.pt"):
         evaluate(["quick"], str(BUNDLE / "data" / "synthetic"), tmp_path / "out", "validation", ckpt=missing)
+
+
+def test_rows_are_named_by_commas_and_a_name_may_hold_one():
+    given = "MGRAD-UNet (shipped weights),MGRAD-UNet, 3 feedback passes at inference,BasicUNet (baseline)"
+    assert row_names(given) == ["MGRAD-UNet (shipped weights)", "MGRAD-UNet, 3 feedback passes at inference",
+                                "BasicUNet (baseline)"]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown row 'BasicUNet'"):
+        row_names("MGRAD-UNet (shipped weights),BasicUNet")
