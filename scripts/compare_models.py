@@ -37,7 +37,7 @@ BUNDLE = REPO / "bundle"
 # the ids override evaluation and inference only (MedSegDiff's sampling rows share one training)
 SHIPPED_LOGS = (
     "docs/training_log.csv,docs/training_log_stage1.csv,docs/training_log_stage2.csv,docs/training_log_stage3.csv,"
-    "docs/training_log_stage4.csv"
+    "docs/training_log_stage4.csv,docs/training_log_stage5.csv"
 )
 MEDSEGDIFF_LOG = "docs/training_log_medsegdiff.csv"
 ROWS: dict[str, tuple] = {
