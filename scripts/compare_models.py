@@ -207,6 +207,16 @@ def evaluate(
     return json.loads((output_dir / "summary.json").read_text())
 
 
+ACCURACY = ("Dice RV", "Dice Myo", "Dice LV", "Dice mean", "IoU mean")
+
+
+def accuracy_cells(summary: dict) -> dict[str, float]:
+    """The table's accuracy columns (:data:`ACCURACY`) from an ``evaluate`` summary.json."""
+    per_class = summary["per_class"]
+    dice = [per_class[c]["dice"] for c in ("right ventricle", "myocardium", "left ventricle")]
+    return dict(zip(ACCURACY, [*dice, summary["mean"]["dice"], summary["mean"]["iou"]]))
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -265,16 +275,14 @@ def results_table(chosen: list[str], dataset_dir: str, section: str, output_dir:
             continue
         extra = [arg for key, value in ids.items() for arg in (f"--{key}", json.dumps(value))]
         summary = evaluate(overrides, dataset_dir, keep / f"row{i}", section, extra, ckpt=BUNDLE / ckpt)
-        per_class = summary["per_class"]
-        dice = [per_class[c]["dice"] for c in ("right ventricle", "myocardium", "left ventricle")]
         logs = [BUNDLE / part for part in log.split(",")]
         minutes, epochs = training_minutes(logs)
         mean = summary["mean"]
         units.append(summary.get("distance_unit", "voxels"))
         seconds = inference_seconds(overrides, dataset_dir, section, BUNDLE / ckpt, ids)
         cells = [name, f"{parameter_count(overrides, ids):,}", str(epochs or "–"), _fmt(minutes, 1),
-                 _fmt(minutes_to(logs, 0.85), 1), _fmt(minutes_to(logs, 0.90), 1), *map(_fmt, dice),
-                 _fmt(mean["dice"]), _fmt(mean["iou"]), _fmt(mean["hd95"], 2), _fmt(mean["asd"], 2),
+                 _fmt(minutes_to(logs, 0.85), 1), _fmt(minutes_to(logs, 0.90), 1),
+                 *map(_fmt, accuracy_cells(summary).values()), _fmt(mean["hd95"], 2), _fmt(mean["asd"], 2),
                  _fmt(seconds, 2)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], file=sys.stderr, flush=True)
@@ -283,9 +291,8 @@ def results_table(chosen: list[str], dataset_dir: str, section: str, output_dir:
     unit = (
         short.get(units[0], units[0]) if len(set(units)) == 1 else "units differ: see summary.json" if units else "vox"
     )
-    header = ["model", "parameters", "epochs", "training (min)", "min to 0.85", "min to 0.90", "Dice RV",
-              "Dice Myo", "Dice LV", "Dice mean", "IoU mean", f"HD95 ({unit})", f"ASD ({unit})",
-              "inference (s/volume)"]  # fmt: skip
+    header = ["model", "parameters", "epochs", "training (min)", "min to 0.85", "min to 0.90", *ACCURACY,
+              f"HD95 ({unit})", f"ASD ({unit})", "inference (s/volume)"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines]
     note = (f"\n{summary['cases']} cases of the `{section}` section of `{Path(dataset_dir).name}`; "
             "Dice, IoU and distances over RV, Myo and LV; distances are means over the finite values. "

@@ -11,7 +11,7 @@ import torch
 from tests.bundle_utils import REPO, SHARED_DATA
 
 sys.path.insert(0, str(REPO / "scripts"))
-from compare_models import BUNDLE, ROWS, evaluate  # noqa: E402
+from compare_models import BUNDLE, ROWS, accuracy_cells, evaluate  # noqa: E402
 
 WEIGHTS = REPO / "bundle" / "models" / "model.pt"
 RESULTS = REPO / "bundle" / "docs" / "results.md"
@@ -42,9 +42,7 @@ def test_evaluate_reproduces_the_model_card(tmp_path):
     # checkpoint), without the row's inference timing, which this test does not compare
     overrides, _, ckpt = ROWS[ROW][:3]
     summary = evaluate(overrides, str(SHARED_DATA / "acdc"), tmp_path, "validation", ckpt=BUNDLE / ckpt)
-    classes = ("right ventricle", "myocardium", "left ventricle")
-    measured = {f"Dice {short}": summary["per_class"][c]["dice"] for short, c in zip(("RV", "Myo", "LV"), classes)}
-    measured.update({"Dice mean": summary["mean"]["dice"], "IoU mean": summary["mean"]["iou"]})
+    measured = accuracy_cells(summary)
     card = dict(zip(_row(RESULTS.read_text(), "model"), _row(RESULTS.read_text(), ROW)))
     compared = [name for name in card if name.startswith(("Dice", "IoU"))]
     assert sorted(compared) == sorted(measured), card
