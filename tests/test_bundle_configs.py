@@ -196,6 +196,44 @@ def test_training_and_validation_prepare_images_with_the_inference_transforms():
     assert parser.get_parsed_content("validate#postprocessing").transforms[0] is prediction
 
 
+def _drawn_slices(tmp_path, *names: str) -> list[dict]:
+    """32 training slices drawn by ``train#preprocessing`` (seeded) from a 64×64×4 NIfTI pair whose
+    label map is a disk of class 1 in a ring of class 2 and whose image is 210 on both, 10 around; the patch is
+    the whole resized slice, so the drawn label's area changes only by augmentation."""
+    import nibabel as nib
+    import numpy as np
+
+    yy, xx = np.mgrid[:64, :64]
+    r2 = (yy - 31.5) ** 2 + (xx - 31.5) ** 2
+    label = np.repeat(((r2 < 10**2) * 1 + ((r2 >= 10**2) & (r2 < 14**2)) * 2)[..., None], 4, axis=-1)
+    for key, array in (("image", (label > 0) * 200.0 + 10), ("label", label)):
+        nib.save(nib.Nifti1Image(array.astype(np.float32), np.eye(4)), str(tmp_path / f"{key}.nii.gz"))
+    transform = _parser(*names, roi_size=[48, 48], **{"train#slices_per_volume": 8}).get_parsed_content(
+        "train#preprocessing"
+    )
+    transform.set_random_state(seed=0)
+    files = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
+    return [s for _ in range(4) for s in transform(dict(files))]
+
+
+def test_strong_augmentation_keeps_image_and_label_aligned_and_rescales_them(tmp_path):
+    plain, strong = _drawn_slices(tmp_path, "train"), _drawn_slices(tmp_path, "train", "strong_augmentation")
+    base_area = float((plain[0]["label"] > 0).sum())
+
+    def spread(slices: list[dict]) -> float:
+        return max(abs(float((s["label"] > 0).sum()) / base_area - 1) for s in slices)
+
+    # the paper's rotations and flips keep the disk's area; the zoom (0.85-1.2, half the slices) does not
+    assert spread(plain) < 0.06 and spread(strong) > 0.15, (spread(plain), spread(strong))
+    for s in strong:
+        image, label = s["image"].as_tensor(), s["label"].as_tensor()
+        assert image.shape == label.shape == (1, 48, 48) and set(label.unique().tolist()) <= {0.0, 1.0, 2.0}
+        # the image's foreground, cut at half its height (gamma, brightness, noise and blur move
+        # intensities, not edges), has the label's area: within 7.3 % here, 20 % if the image alone
+        # were zoomed by 1.1
+        assert abs(float((image > 0.5 * image.max()).sum() / (label > 0).sum()) - 1) < 0.1
+
+
 def test_prediction_resizes_the_logits_back_to_the_input_grid_before_the_argmax(tmp_path):
     # a 64×64×3 image with a disk of class 1; the network's logits, at roi_size 16×16, stand in as
     # the one-hot disk resized as the image was. Back on the input's grid the disk's boundary is
