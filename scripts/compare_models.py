@@ -34,34 +34,42 @@ BUNDLE = REPO / "bundle"
 
 # row name -> (override configs after train.json + evaluate.json, training logs, checkpoint[, overrides
 # by id]), paths in the bundle; weights trained in stages list one log per stage, and the row sums them;
-# the ids override evaluation and inference only (MedSegDiff's sampling rows share one training)
+# the ids override evaluation and inference only (MedSegDiff's sampling rows share one training);
+# every row runs in float32 (amp false) unless its ids say otherwise, whatever the machine's default
 SHIPPED_LOGS = (
     "docs/training_log.csv,docs/training_log_stage1.csv,docs/training_log_stage2.csv,docs/training_log_stage3.csv,"
-    "docs/training_log_stage4.csv,docs/training_log_stage5.csv"
+    "docs/training_log_stage4.csv,docs/training_log_stage5.csv,docs/training_log_stage6.csv"
 )
+# the comparison protocol's rows trained at 192×192, the default roi_size before the shipped weights' last stage
+AT_192 = {"roi_size": [192, 192]}
 MEDSEGDIFF_LOG = "docs/training_log_medsegdiff.csv"
 ROWS: dict[str, tuple] = {
     "MGRAD-UNet (shipped weights)": ([], SHIPPED_LOGS, "models/model.pt"),
+    "MGRAD-UNet (shipped weights, bf16 autocast)": ([], SHIPPED_LOGS, "models/model.pt", {"amp": True}),
     "MGRAD-UNet, 3 feedback passes at inference": (["ablation_inference_feedback"], SHIPPED_LOGS, "models/model.pt"),
-    "MGRAD-UNet (60-min protocol)": ([], "docs/training_log_mgrad_protocol.csv", "models/mgrad_protocol/model.pt"),
+    "MGRAD-UNet (60-min protocol)": (
+        [], "docs/training_log_mgrad_protocol.csv", "models/mgrad_protocol/model.pt", AT_192),
     "MGRAD-UNet trained without feedback": (
-        ["ablation_no_feedback"], "docs/training_log_ablation_no_feedback.csv", "models/ablation_no_feedback/model.pt"),
+        ["ablation_no_feedback"], "docs/training_log_ablation_no_feedback.csv",
+        "models/ablation_no_feedback/model.pt", AT_192),
     "MGRAD-UNet, weighted side loss": (
         ["ablation_weighted_loss"], "docs/training_log_ablation_weighted_loss.csv",
-        "models/ablation_weighted_loss/model.pt"),
+        "models/ablation_weighted_loss/model.pt", AT_192),
     "BasicUNet (baseline)": (
-        ["baseline_basicunet"], "docs/training_log_baseline_basicunet.csv", "models/baseline_basicunet/model.pt"),
-    "SwinUNETR": (["swinunetr"], "docs/training_log_swinunetr.csv", "models/swinunetr/model.pt"),
-    "SwinUNETR-RecA": (["swinunetr_reca"], "docs/training_log_swinunetr_reca.csv", "models/swinunetr_reca/model.pt"),
-    "MedSegDiff (DDIM 10 steps × 1)": (["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt"),
+        ["baseline_basicunet"], "docs/training_log_baseline_basicunet.csv",
+        "models/baseline_basicunet/model.pt", AT_192),
+    "SwinUNETR": (["swinunetr"], "docs/training_log_swinunetr.csv", "models/swinunetr/model.pt", AT_192),
+    "SwinUNETR-RecA": (
+        ["swinunetr_reca"], "docs/training_log_swinunetr_reca.csv", "models/swinunetr_reca/model.pt", AT_192),
+    "MedSegDiff (DDIM 10 steps × 1)": (["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt", AT_192),
     "MedSegDiff (DDIM 2 steps × 1)": (
-        ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt", {"network_def#num_inference_steps": 2}),
+        ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt", {**AT_192, "network_def#num_inference_steps": 2}),
     "MedSegDiff (DDIM 2 steps × 5)": (
         ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt",
-        {"network_def#num_inference_steps": 2, "network_def#num_ensemble": 5}),
+        {**AT_192, "network_def#num_inference_steps": 2, "network_def#num_ensemble": 5}),
     "MedSegDiff (DDIM 10 steps × 1; noise head only)": (
-        ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt", {"network_def#aux_blend": 0.0}),
-    "Hi-gMISnet": (["higmisnet"], "docs/training_log_higmisnet.csv", "models/higmisnet/model.pt"),
+        ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt", {**AT_192, "network_def#aux_blend": 0.0}),
+    "Hi-gMISnet": (["higmisnet"], "docs/training_log_higmisnet.csv", "models/higmisnet/model.pt", AT_192),
 }  # fmt: skip
 
 
@@ -265,6 +273,10 @@ def compare(
 
 def results_table(chosen: list[str], dataset_dir: str, section: str, output_dir: str | None) -> str:
     """The evaluation table of the ``chosen`` rows that are trained (see :func:`compare`)."""
+    import torch
+
+    from mgrad_net.engines import native_mixed_precision
+
     keep = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="compare_models_"))
     lines, units = [], []
     summary: dict = {"cases": 0}  # the note's count when no chosen row is trained
@@ -272,6 +284,11 @@ def results_table(chosen: list[str], dataset_dir: str, section: str, output_dir:
         overrides, log, ckpt, ids = (*ROWS[name], {})[:4]
         if not (BUNDLE / ckpt).is_file():
             print(f"{name}: not trained ({ckpt} missing), skipped", file=sys.stderr)
+            continue
+        ids = {"amp": False, **ids}
+        if ids["amp"] and not native_mixed_precision("cuda" if torch.cuda.is_available() else "cpu"):
+            print(f"{name}: skipped, this machine has no native bf16 (emulated, it runs many times slower)",
+                  file=sys.stderr)  # fmt: skip
             continue
         extra = [arg for key, value in ids.items() for arg in (f"--{key}", json.dumps(value))]
         summary = evaluate(overrides, dataset_dir, keep / f"row{i}", section, extra, ckpt=BUNDLE / ckpt)
@@ -298,7 +315,8 @@ def results_table(chosen: list[str], dataset_dir: str, section: str, output_dir:
             "Dice, IoU and distances over RV, Myo and LV; distances are means over the finite values. "
             "Training minutes exclude validation where the log has train_seconds (older logs: epoch wall time); "
             "min to 0.85 / 0.90: training minutes until the first epoch at that validation Dice (– never); "
-            "inference: the bundle's inference run per volume, start-up excluded.")  # fmt: skip
+            "inference: the bundle's inference run per volume, start-up excluded; float32 unless the row says "
+            "bf16 (autocast, on a CPU only where it is native).")  # fmt: skip
     return "\n".join(lines) + "\n" + note + "\n"
 
 
