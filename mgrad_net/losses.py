@@ -216,6 +216,8 @@ class MGRADLoss(nn.Module):
         side_loss: ``"aggregated"`` (the paper's default), ``"weighted"`` (Table 5) or ``"none"``.
         side_weights: w_i of the weighted side loss.
         batch: Dice pooled over the batch (the published code) or per sample.
+        recompute: the aggregated loss's ``recompute``: keep memory at full size, or (``False``) skip
+            the second evaluation of the subset sums where they fit, as in the CPU preset.
     """
 
     def __init__(
@@ -225,12 +227,13 @@ class MGRADLoss(nn.Module):
         side_loss: str = "aggregated",
         side_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0, 1.0),
         batch: bool = True,
+        recompute: bool = True,
     ) -> None:
         super().__init__()
         self.seg_loss = SegmentationLoss(lambda_dice=lambda_dice, lambda_ce=lambda_ce, batch=batch)
         self.side_loss: nn.Module | None
         if side_loss == "aggregated":
-            self.side_loss = AggregatedLoss(self.seg_loss)
+            self.side_loss = AggregatedLoss(self.seg_loss, recompute=recompute)
         elif side_loss == "weighted":
             self.side_loss = WeightedSideLoss(side_weights, self.seg_loss)
         elif side_loss == "none":

@@ -130,6 +130,13 @@ def test_every_config_merges_after_the_configs_it_names(override, base):
             assert parser.get_parsed_content("lr_scheduler").power == 0.0
 
 
+def test_the_presets_aggregated_loss_keeps_its_sums_and_full_size_recomputes_them():
+    # the preset's 31 subset sums fit in memory: recomputing them in backward only costs time
+    assert _parser("train").get_parsed_content("loss").side_loss.recompute is False
+    assert _parser("train", "full_size").get_parsed_content("loss").side_loss.recompute is True
+    assert _parser("train", loss_recompute="true").get_parsed_content("loss").side_loss.recompute is True
+
+
 def test_merges_cover_every_config_but_the_two_entry_configs():
     named = {o for o, _ in _merges()}
     assert {p.stem for p in CONFIGS.glob("*.json")} - {"inference", "train", "metadata"} <= named
