@@ -137,6 +137,19 @@ def test_the_presets_aggregated_loss_keeps_its_sums_and_full_size_recomputes_the
     assert _parser("train", loss_recompute="true").get_parsed_content("loss").side_loss.recompute is True
 
 
+def test_the_patch_ablation_is_the_shipped_recipe_but_for_its_patches():
+    recipe = json.loads((CONFIGS / "ablation_shipped_recipe.json").read_text())
+    no_patches = json.loads((CONFIGS / "ablation_no_patches.json").read_text())
+    differ = {k for k in recipe.keys() | no_patches.keys() if recipe.get(k) != no_patches.get(k)}
+    assert differ == {"_desc_", "ckpt_dir", "output_dir", "train#patch_size"}
+    for name, sample in (("ablation_shipped_recipe", [128, 128, 1]), ("ablation_no_patches", [192, 192, 1])):
+        parser = _parser("train", name, roi_size=[192, 192])
+        assert parser.get_parsed_content("train#sample_size") == sample
+        assert parser.get_parsed_content("train#dataloader#batch_size") * parser["train#slices_per_volume"] == 12
+        assert parser.get_parsed_content("feedback_passes") == 1
+        assert parser.get_parsed_content("ckpt_dir").endswith(f"models/{name}")
+
+
 def test_merges_cover_every_config_but_the_two_entry_configs():
     named = {o for o, _ in _merges()}
     assert {p.stem for p in CONFIGS.glob("*.json")} - {"inference", "train", "metadata"} <= named
