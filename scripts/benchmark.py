@@ -16,7 +16,8 @@ them, ``THP_MEM_ALLOC_ENABLE=1`` as the model card recommends); the parent print
 - ``throughput``: the same trainer with the CPU preset (``PRESET``) beside BasicUNet at its
   parameter count (``PRESET_BASIC_FEATURES``): slice-passes per second, GFLOP/s (forward and
   backward of a pass) and % of the fp32 peak; NCHW, channels-last, and bf16 autocast (NCHW and
-  channels-last) where the CPU has native bf16;
+  channels-last) where the CPU has native bf16; channels-last also with the trainer's
+  ``compile_loss`` (the first step pays the compiling);
 - ``infer3d``: the bundle's inference config end to end (transforms, SliceInferer, inversion,
   NIfTI writing) on a 512×512×100 CT-like volume and an ACDC volume, full size and CPU preset.
 
@@ -167,11 +168,11 @@ def measure_eval(
 def measure_train(
     net: str, batch: int = 8, size: int = 224, classes: int = 9, passes: int = 3, steps: int = 2,
     checkpointing: str = "none", channels_last: bool = False, amp: str | None = None, preset: bool = False,
-    device: str | None = None,
+    compile_loss: bool = False, device: str | None = None,
 ) -> dict:  # fmt: skip
     """``steps`` iterations of ``FeedbackTrainer`` (``passes`` passes a batch; plain steps for
     BasicUNet) over one in-memory batch, with the bundle's loss and optimizer; ``amp``
-    (``"bfloat16"``) as the trainer's ``amp`` with that dtype.
+    (``"bfloat16"``) as the trainer's ``amp`` with that dtype; ``compile_loss`` as the trainer's.
 
     ``seconds`` is the median of the steps after the first (a step as training repeats it: the
     first pays once for the optimizer's state, oneDNN's kernel choice and memory not yet held);
@@ -195,7 +196,7 @@ def measure_train(
         train_data_loader=DataLoader([{"image": i, "label": t} for i, t in zip(image, label)] * steps,
                                      batch_size=batch),
         optimizer=torch.optim.AdamW(model.parameters(), 1e-4, weight_decay=1e-4),
-        amp=bool(amp), amp_kwargs={"dtype": getattr(torch, amp)} if amp else None,
+        amp=bool(amp), amp_kwargs={"dtype": getattr(torch, amp)} if amp else None, compile_loss=compile_loss,
     )  # fmt: skip
     times: list[float] = []  # each step's seconds; while a step runs, minus its start
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda _: times.append(-_now(dev)))
@@ -427,15 +428,19 @@ def main(
         variants = {
             "": {},
             ", channels-last": {"channels_last": True},
+            ", channels-last, compiled loss": {"channels_last": True, "compile_loss": True},
             **(
                 {
                     ", bf16 autocast": {"amp": "bfloat16"},
                     ", channels-last, bf16 autocast": {"channels_last": True, "amp": "bfloat16"},
+                    ", channels-last, bf16 autocast, compiled loss": {
+                        "channels_last": True, "amp": "bfloat16", "compile_loss": True,
+                    },
                 }
                 if bf16
                 else {}
             ),
-        }
+        }  # fmt: skip
         configs = {
             f"{n}{v}": {"net": n.lower(), **common, **kw}
             for v, kw in variants.items()

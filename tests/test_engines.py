@@ -180,6 +180,30 @@ def test_compile_switch_trains_the_compiled_network():
     _assert_two_passes_train(compile=True)
 
 
+@pytest.mark.compile
+def test_compile_loss_switch_gives_the_eager_losses_and_gradients():
+    """The trainer's ``compile_loss``: the loss compiled, its values and gradients those of the eager loss.
+    lr 0 keeps the weights, so every pass compares like with like (AdamW's first steps would turn
+    rounding-level differences of the gradients into differences of the weights of about lr)."""
+    runs = []
+    for compile_loss in (False, True):
+        torch.manual_seed(0)
+        net = tiny_net(out_channels=2)
+        trainer = _trainer(net, passes=2, lr=0.0, compile_loss=compile_loss)
+        losses = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.extend(e.state.pass_losses))
+        trainer.run()
+        runs.append((trainer, torch.stack(losses), [p.grad.clone() for p in net.parameters() if p.grad is not None]))
+    (eager, eager_losses, eager_grads), (compiled, compiled_losses, compiled_grads) = runs
+    assert isinstance(compiled.loss_function, torch._dynamo.eval_frame.OptimizedModule)
+    assert not isinstance(eager.loss_function, torch._dynamo.eval_frame.OptimizedModule)
+    assert len(eager_losses) == 4 and not torch.allclose(eager_losses[0], eager_losses[2])  # two batches
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-6)
+    assert len(compiled_grads) == len(eager_grads) > 0
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
 def _budgeted_run(budget_in_first_epochs, slow_down=False, epochs=10):
     """A real trainer under a ``TrainingBudget`` and a polynomial LR schedule, as train.json wires
     them. The budget is ``budget_in_first_epochs`` times the first epoch's measured time (set as

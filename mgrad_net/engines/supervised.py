@@ -67,7 +67,7 @@ def prepare_batch(engine: SupervisedTrainer, batchdata: dict) -> tuple:
         raise ValueError("Must provide batch data for current iteration.")
     batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
     inputs, targets, args, kwargs = batch if len(batch) == 4 else (*batch, (), {})
-    if engine.compile:
+    if engine.compile or getattr(engine, "compile_loss", False):
         # torch.compile traces plain tensors; MetaTensor's metadata is not needed for training
         inputs, targets = (t.as_tensor() if isinstance(t, MetaTensor) else t for t in (inputs, targets))
     return inputs, targets, args, kwargs
@@ -143,15 +143,28 @@ class FeedbackTrainer(SupervisedTrainer):
         feedback_passes: passes per batch, T, of the default :class:`FeedbackStep`.
         iteration_update: a network's own training step, ``step(engine, batchdata) -> output``;
             ``None`` for ``FeedbackStep(feedback_passes)``.
+        compile_loss: run ``loss_function`` under ``torch.compile`` (its inputs as plain tensors), as
+            ``compile`` does the network: MGRAD-UNet's aggregated loss is 33 softmax, cross-entropy
+            and Dice evaluations at full resolution, element-wise work that the compiler fuses.
         args, kwargs: those of :class:`monai.engines.SupervisedTrainer`.
     """
 
-    def __init__(self, *args: Any, feedback_passes: int = 3, iteration_update: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        feedback_passes: int = 3,
+        iteration_update: Any = None,
+        compile_loss: bool = False,
+        **kwargs: Any,
+    ) -> None:
         if kwargs.get("accumulation_steps", 1) != 1:
             raise ValueError("FeedbackTrainer steps the optimizer every pass: accumulation_steps must be 1.")
         step = iteration_update if iteration_update is not None else FeedbackStep(feedback_passes)
         super().__init__(*args, iteration_update=step, **kwargs)
         self.step = step
+        self.compile_loss = bool(compile_loss)
+        if self.compile_loss:
+            self.loss_function = torch.compile(self.loss_function)
 
 
 class TrainingBudget:
