@@ -53,13 +53,13 @@ ROWS: dict[str, tuple] = {
         ["ablation_no_feedback"], "docs/training_log_ablation_no_feedback.csv",
         "models/ablation_no_feedback/model.pt", AT_192),
     "MGRAD-UNet, shipped recipe (60-min protocol)": (
-        ["ablation_shipped_recipe"], "docs/training_log_ablation_shipped_recipe.csv",
+        [], "docs/training_log_ablation_shipped_recipe.csv",
         "models/ablation_shipped_recipe/model.pt", AT_192),
     "MGRAD-UNet, shipped recipe without patches": (
-        ["ablation_no_patches"], "docs/training_log_ablation_no_patches.csv",
+        [], "docs/training_log_ablation_no_patches.csv",
         "models/ablation_no_patches/model.pt", AT_192),
     "MGRAD-UNet, weighted side loss": (
-        ["ablation_weighted_loss"], "docs/training_log_ablation_weighted_loss.csv",
+        [], "docs/training_log_ablation_weighted_loss.csv",
         "models/ablation_weighted_loss/model.pt", AT_192),
     "BasicUNet (baseline)": (
         ["baseline_basicunet"], "docs/training_log_baseline_basicunet.csv",

@@ -12,7 +12,7 @@ import pytest
 from tests.bundle_utils import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
-from compare_models import BUNDLE, evaluate, minutes_to, row_names, training_minutes  # noqa: E402
+from compare_models import BUNDLE, ROWS, evaluate, minutes_to, row_names, training_minutes  # noqa: E402
 
 
 def _log(path, rows, fields):
@@ -54,6 +54,20 @@ def test_network_size_counts_what_the_bundle_runs_at_inference():
     three = network_size(["medsegdiff"], {"network_def#num_inference_steps": 1, "network_def#num_ensemble": 3})
     assert one[0] == three[0] and three[1] == pytest.approx(3 * one[1], rel=0.001)
     assert gflops < mgrad[1] and torch.is_grad_enabled()  # nothing left in inference mode
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_every_rows_configs_merge_after_inference_json_as_its_timing_reads_them(name):
+    # the inference seconds run inference.json + the row's configs: a training-only key (train#...)
+    # in them fails there, after the row's evaluation has already run
+    from monai.bundle import ConfigParser
+
+    overrides, _, _, ids = (*ROWS[name], {})[:4]
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / f"{n}.json") for n in ["inference", *overrides]])
+    for key, value in ids.items():
+        parser[key] = value
+    assert parser.get_parsed_content("network_def") is not None
 
 
 def test_each_row_is_evaluated_with_its_own_checkpoint(tmp_path):
