@@ -58,6 +58,9 @@ ROWS: dict[str, tuple] = {
     "MGRAD-UNet, shipped recipe without patches": (
         [], "docs/training_log_ablation_no_patches.csv",
         "models/ablation_no_patches/model.pt", AT_192),
+    "MGRAD-UNet, shipped recipe with 3 feedback passes": (
+        [], "docs/training_log_ablation_three_passes.csv",
+        "models/ablation_three_passes/model.pt", AT_192),
     "MGRAD-UNet, weighted side loss": (
         [], "docs/training_log_ablation_weighted_loss.csv",
         "models/ablation_weighted_loss/model.pt", AT_192),

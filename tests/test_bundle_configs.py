@@ -130,24 +130,23 @@ def test_every_config_merges_after_the_configs_it_names(override, base):
             assert parser.get_parsed_content("lr_scheduler").power == 0.0
 
 
-def test_the_presets_aggregated_loss_keeps_its_sums_and_full_size_recomputes_them():
-    # the preset's 31 subset sums fit in memory: recomputing them in backward only costs time
-    assert _parser("train").get_parsed_content("loss").side_loss.recompute is False
-    assert _parser("train", "full_size").get_parsed_content("loss").side_loss.recompute is True
-    assert _parser("train", loss_recompute="true").get_parsed_content("loss").side_loss.recompute is True
-
-
-def test_the_patch_ablation_is_the_shipped_recipe_but_for_its_patches():
+@pytest.mark.parametrize(
+    "name,changed,sample,passes,per_volume",
+    [("ablation_no_patches", {"train#patch_size"}, [192, 192, 1], 1, 6),
+     ("ablation_three_passes", {"feedback_passes"}, [128, 128, 1], 3, 6)],
+)  # fmt: skip
+def test_each_recipe_ablation_is_the_shipped_recipe_but_for_one_choice(name, changed, sample, passes, per_volume):
     recipe = json.loads((CONFIGS / "ablation_shipped_recipe.json").read_text())
-    no_patches = json.loads((CONFIGS / "ablation_no_patches.json").read_text())
-    differ = {k for k in recipe.keys() | no_patches.keys() if recipe.get(k) != no_patches.get(k)}
-    assert differ == {"_desc_", "ckpt_dir", "output_dir", "train#patch_size"}
-    for name, sample in (("ablation_shipped_recipe", [128, 128, 1]), ("ablation_no_patches", [192, 192, 1])):
-        parser = _parser("train", name, roi_size=[192, 192])
-        assert parser.get_parsed_content("train#sample_size") == sample
-        assert parser.get_parsed_content("train#dataloader#batch_size") * parser["train#slices_per_volume"] == 12
-        assert parser.get_parsed_content("feedback_passes") == 1
-        assert parser.get_parsed_content("ckpt_dir").endswith(f"models/{name}")
+    ablation = json.loads((CONFIGS / f"{name}.json").read_text())
+    differ = {k for k in recipe.keys() | ablation.keys() if recipe.get(k) != ablation.get(k)}
+    assert differ == {"_desc_", "ckpt_dir", "output_dir"} | changed
+    for config, size, t, n in (("ablation_shipped_recipe", [128, 128, 1], 1, 6), (name, sample, passes, per_volume)):
+        parser = _parser("train", config, roi_size=[192, 192])
+        assert parser.get_parsed_content("train#sample_size") == size
+        assert parser["train#slices_per_volume"] == n
+        assert parser.get_parsed_content("train#dataloader#batch_size") * n == 12
+        assert parser.get_parsed_content("feedback_passes") == t
+        assert parser.get_parsed_content("ckpt_dir").endswith(f"models/{config}")
 
 
 def test_merges_cover_every_config_but_the_two_entry_configs():
