@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 from monai.losses import DiceCELoss
 from monai.networks.utils import one_hot
-from torch.utils.checkpoint import checkpoint
 
 from mgrad_net.networks.mgrad_unet import MGRADOutput
 
@@ -79,22 +78,11 @@ class SegmentationLoss(DiceCELoss):
             lambda_dice=lambda_dice,
             lambda_ce=lambda_ce,
         )
-        # the arguments, as given (DiceCELoss keeps lambda_dice and lambda_ce itself)
+        # the arguments, as given, for AggregatedLoss's closed form (DiceCELoss keeps the lambdas itself)
         self.include_background = include_background
         self.squared_pred = squared_pred
         self.batch = batch
         self.smooth = smooth
-
-    def per_sample(self) -> SegmentationLoss:
-        """This loss with its Dice term taken per sample (``batch=False``), all else the same."""
-        return SegmentationLoss(
-            lambda_dice=self.lambda_dice,
-            lambda_ce=self.lambda_ce,
-            include_background=self.include_background,
-            squared_pred=self.squared_pred,
-            batch=False,
-            smooth=self.smooth,
-        )
 
     @staticmethod
     def as_one_hot(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -116,41 +104,31 @@ class SegmentationLoss(DiceCELoss):
 class AggregatedLoss(nn.Module):
     """Aggregated loss (eq. 11, Algorithm 1): Σ_{s ⊆ {1..n}, s ≠ ∅} L_seg(Σ_{i∈s} S_i).
 
-    The 2^n − 1 subset sums are formed with a subset matrix and scored in calls of ``seg_loss``
-    over ``subsets_per_call`` subsets at a time: the subsets are stacked as extra samples
-    (per-sample Dice) or, for the batch-pooled Dice, as samples whose voxels are the whole batch.
-    Both give each subset's own loss, and the mean over a call's subsets times their count is
-    their sum, as Algorithm 1 takes it.
-
-    The subset sums, their softmax and the matching one-hot targets are the largest tensors of a
-    training step: 31 × B × K × spatial floats each, 0.45 GB at batch 8, 224², 9 classes. Scoring
-    a few subsets per call bounds what exists at once; with ``recompute`` none of it is kept for
-    the backward pass, each call's share is formed again from the n side outputs (one more
-    evaluation of this loss, a few percent of a step). By default a call scores as many subsets as
-    hold :attr:`call_elements` values together: all 31 for small inputs (the chunked sum rounds
-    differently, gradients within ~1e-6 relative, which two DDP ranks compared with one process
-    in ``tests/test_distributed.py`` would notice), 4 at batch 8, 224², 9 classes, where 31 at
-    once raise a training step's peak memory (measured in ``scripts/benchmark.md``).
+    L_seg is ``seg_loss``'s eq. 9, softmax Dice plus cross-entropy, with its options (Dice weight,
+    CE weight, background, squared terms, batch pooling, smoothing). Its 2^n − 1 evaluations are
+    the most per-pixel work of a training step, so they are written out rather than run through
+    ``DiceCELoss`` 31 times: the loss and its gradient with respect to each subset's logits have a
+    closed form (:func:`_subset_seg_loss`), computed together while a block of subsets' softmax is
+    at hand. Nothing of size subsets × batch × classes × spatial outlives its block (31 × B × K ×
+    spatial floats, 0.45 GB at batch 8, 224², 9 classes, for the whole set): backward only scales
+    the stored gradient with respect to the n side outputs. A block holds as many subsets as
+    :attr:`call_elements` values: small enough to stay in the CPU's cache (measured in
+    ``scripts/benchmark.md``). Tests check values and gradients against ``DiceCELoss`` on each
+    subset sum.
 
     Args:
-        seg_loss: the loss applied to every subset sum; a :class:`SegmentationLoss` by default.
-        recompute: recompute the subset sums during backward instead of keeping them.
-        subsets_per_call: subsets scored per call; ``None``: as many as fit in :attr:`call_elements`.
+        seg_loss: the L_seg applied to every subset sum; a :class:`SegmentationLoss` by default.
+        subsets_per_call: subsets per block; ``None``: as many as hold :attr:`call_elements` values.
     """
 
-    # 2**24 fp32 values: 64 MB per tensor of a call's subsets
-    call_elements: int = 2**24
+    # values of one block's subset sums: 2**21 floats, 8 MB (2 subsets of the preset's batch)
+    call_elements: int = 2**21
 
-    def __init__(
-        self, seg_loss: SegmentationLoss | None = None, recompute: bool = True, subsets_per_call: int | None = None
-    ) -> None:
+    def __init__(self, seg_loss: SegmentationLoss | None = None, subsets_per_call: int | None = None) -> None:
         super().__init__()
         if subsets_per_call is not None and subsets_per_call < 1:
             raise ValueError(f"subsets_per_call must be at least 1, got {subsets_per_call}.")
         self.seg_loss = seg_loss if seg_loss is not None else SegmentationLoss()
-        # scores the folded subsets: one "sample" per subset (batch pooling, if any, is in the fold)
-        self.per_subset = self.seg_loss.per_sample()
-        self.recompute = recompute
         self.subsets_per_call = subsets_per_call
 
     def forward(self, side: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -158,28 +136,84 @@ class AggregatedLoss(nn.Module):
             raise ValueError("AggregatedLoss needs at least one side output, got none.")
         stacked = torch.stack(list(side))  # n×B×K×spatial
         onehot = self.seg_loss.as_one_hot(side[0], target)
-        subsets = subset_matrix(len(side), stacked.device, stacked.dtype)
-        recompute = self.recompute and torch.is_grad_enabled() and stacked.requires_grad
-        total = stacked.new_zeros(())
         per_call = self.subsets_per_call or max(1, self.call_elements // side[0].numel())
-        for rows in subsets.split(per_call):
-            if recompute:
-                total = total + checkpoint(self._score, rows, stacked, onehot, use_reentrant=False)
-            else:
-                total = total + self._score(rows, stacked, onehot)
+        return _SubsetSegLoss.apply(stacked, onehot, self.seg_loss, per_call)
+
+
+class _SubsetSegLoss(torch.autograd.Function):
+    """Σ over every non-empty subset s of L_seg(Σ_{i∈s} x_i), its gradient formed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, stacked: torch.Tensor, onehot: torch.Tensor, seg: SegmentationLoss, per_call: int):
+        grad = ctx.needs_input_grad[0]
+        with torch.autocast(stacked.device.type, enabled=False):  # at least float32, as autocast has softmax
+            # n×B×K×V in one block of memory (side outputs may come channels-last): sums are GEMMs
+            x = stacked.to(torch.promote_types(stacked.dtype, torch.float32)).contiguous().flatten(3)
+            y = onehot.to(x.dtype).contiguous().flatten(2)  # B×K×V
+            n = x.shape[0]
+            dx = torch.zeros_like(x) if grad else None
+            total = x.new_zeros(())
+            for rows in subset_matrix(n, x.device, x.dtype).split(per_call):
+                z = torch.mm(rows, x.view(n, -1)).view(-1, *x.shape[1:])  # the block's subset sums
+                loss, dz = _subset_seg_loss(z, y, seg, grad)
+                total = total + loss
+                if dz is not None:
+                    dx.view(n, -1).addmm_(rows.t(), dz.view(rows.shape[0], -1))
+        if grad:
+            ctx.save_for_backward(dx.view(stacked.shape).to(stacked.dtype))
         return total
 
-    def _score(self, rows: torch.Tensor, stacked: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        """The summed loss of the subsets in ``rows`` (a block of the subset matrix)."""
-        sums = torch.einsum("sn,n...->s...", rows, stacked)  # s×B×K×spatial
-        s, b, k = sums.shape[:3]
-        targets = onehot.unsqueeze(0).expand_as(sums)
-        if self.seg_loss.batch:
-            # each subset becomes one "sample" whose voxels are all of the batch's
-            fold = lambda t: t.transpose(1, 2).reshape(s, k, -1)  # noqa: E731
-        else:
-            fold = lambda t: t.reshape(s * b, k, -1)  # noqa: E731
-        return s * self.per_subset(fold(sums), fold(targets))
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (dx,) = ctx.saved_tensors
+        return dx * grad_output, None, None, None
+
+
+def _subset_seg_loss(
+    z: torch.Tensor, y: torch.Tensor, seg: SegmentationLoss, grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Σ_s L_seg(z_s) (eq. 9, as ``DiceCELoss`` computes it) over logits z (S×B×K×V) and one-hot
+    targets y (B×K×V), and, with ``grad``, its gradient with respect to z.
+
+    With p = softmax(z), the cross-entropy is the mean over the B·V voxels of −Σ_k y_k log p_k,
+    with gradient (p·Σ_k y_k − y)/(B·V). Each Dice term is 1 − (2I + ε)/(D + ε), I = Σ p y and
+    D = Σ p² + Σ y² (squared terms; Σ p + Σ y otherwise), summed per class over the voxels (and the
+    batch, when pooled); its gradient with respect to p is g = c·(−2y/(D + ε) + (2I + ε)/(D + ε)²·2p)
+    (·1 in place of 2p without squares), c its weight in the mean over classes (and samples).
+    Through the softmax: ∂z = p∘(g − Σ_k p_k g_k). Products are reduced with ``sum`` rather than
+    ``einsum``, which would copy p into a matrix layout first.
+    """
+    s, b, k, v = z.shape
+    start = 0 if seg.include_background else 1
+    log_p = torch.log_softmax(z, 2)
+    p = log_p.exp()
+    ce = (log_p.mul_(y)).sum((1, 2, 3)) / -(b * v)
+
+    pd, yd = p[:, :, start:], y[:, start:]
+    dims = (1, 3) if seg.batch else (3,)  # per class, and per sample unless pooled
+    inter = (pd * yd).sum(dims, keepdim=True)
+    pred = (pd * pd if seg.squared_pred else pd).sum(dims, keepdim=True)
+    ground = (yd * yd if seg.squared_pred else yd).sum([d - 1 for d in dims], keepdim=True)
+    num, den = 2 * inter + seg.smooth, pred + ground + seg.smooth
+    dice = 1 - num / den  # S×1×K'×1 or S×B×K'×1
+    loss = (seg.lambda_dice * dice.flatten(1).mean(1) + seg.lambda_ce * ce).sum()
+    if not grad:
+        return loss, None
+
+    c = seg.lambda_dice / dice[0].numel()  # each Dice term's weight in its subset's mean
+    slope = c * num / den**2  # ∂/∂(Σ p²) or ∂/∂(Σ p) of the Dice term
+    g = torch.zeros_like(p) if start else torch.empty_like(p)
+    gd = g[:, :, start:]
+    if seg.squared_pred:
+        torch.mul(pd, 2 * slope, out=gd)
+    else:
+        gd.copy_(slope.expand_as(gd))
+    gd.addcmul_(yd.unsqueeze(0), -2 * c / den)
+    g *= p  # p∘g
+    ce_weight = seg.lambda_ce / (b * v)
+    # ∂z = p∘g − p·Σ_k p_k g_k + ce_weight·(p·Σ_k y_k − y), the two p-terms in one pass
+    dz = g.addcmul_(p, ce_weight * y.sum(1, keepdim=True) - g.sum(2, keepdim=True)).sub_(y, alpha=ce_weight)
+    return loss, dz
 
 
 class WeightedSideLoss(nn.Module):
@@ -216,8 +250,6 @@ class MGRADLoss(nn.Module):
         side_loss: ``"aggregated"`` (the paper's default), ``"weighted"`` (Table 5) or ``"none"``.
         side_weights: w_i of the weighted side loss.
         batch: Dice pooled over the batch (the published code) or per sample.
-        recompute: the aggregated loss's ``recompute``: keep memory at full size, or (``False``) skip
-            the second evaluation of the subset sums where they fit, as in the CPU preset.
     """
 
     def __init__(
@@ -227,13 +259,12 @@ class MGRADLoss(nn.Module):
         side_loss: str = "aggregated",
         side_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0, 1.0),
         batch: bool = True,
-        recompute: bool = True,
     ) -> None:
         super().__init__()
         self.seg_loss = SegmentationLoss(lambda_dice=lambda_dice, lambda_ce=lambda_ce, batch=batch)
         self.side_loss: nn.Module | None
         if side_loss == "aggregated":
-            self.side_loss = AggregatedLoss(self.seg_loss, recompute=recompute)
+            self.side_loss = AggregatedLoss(self.seg_loss)
         elif side_loss == "weighted":
             self.side_loss = WeightedSideLoss(side_weights, self.seg_loss)
         elif side_loss == "none":

@@ -1,7 +1,8 @@
 """Size, speed and memory of MGRAD-UNet beside MONAI's BasicUNet, measured side by side in one run.
 
 Each configuration runs in its own subprocess (clean peak-memory figures, no caches shared between
-them, ``THP_MEM_ALLOC_ENABLE=1`` as the model card recommends); the parent prints the tables:
+them, ``THP_MEM_ALLOC_ENABLE=0`` as the bundle's commands run unless ``--huge_pages``); the parent
+prints the tables:
 
 - the machine and its fp32 matmul peak: the best of MKL's ``torch.mm`` and the same GEMM as a
   oneDNN 1×1 convolution (MKL takes its AVX2 path on AMD CPUs, below what oneDNN reaches);
@@ -187,7 +188,7 @@ def measure_train(
 
     dev = _device(device)
     torch.manual_seed(0)
-    loss = MGRADLoss(recompute=not preset)  # as the configs choose: train.json keeps the sums, full_size.json not
+    loss = MGRADLoss()
     image = torch.randn(batch, 1, size, size)
     label = torch.randint(0, classes, (batch, 1, size, size)).float()
     model = _network(net, classes, dev, preset, checkpointing, channels_last).train()
@@ -308,7 +309,7 @@ def _table(title: str, head: list[str], rows: list[list]) -> list[str]:
 def main(
     parts: str | tuple = "eval,train,throughput,infer3d", size: int = 224, batch: int = 8, classes: int = 9,
     passes: int = 3, preset_size: int | None = None, preset_batch: int = 12, rounds: int = 3,
-    threads: int | None = None, device: str | None = None, huge_pages: bool = True, json_out: str | None = None,
+    threads: int | None = None, device: str | None = None, huge_pages: bool = False, json_out: str | None = None,
 ) -> None:  # fmt: skip
     """Run the measurements, each in a subprocess, and print the tables.
 

@@ -51,19 +51,19 @@ def test_target_with_wrong_channel_count_is_rejected():
 
 
 @pytest.mark.parametrize(
-    "batch,recompute,per_call,options",
-    [(True, True, 8, {}), (False, True, 8, {}), (True, False, 31, {}), (False, False, 1, {}), (True, True, 5, {}),
-     (True, True, None, {}), (True, False, 31, {"include_background": False, "squared_pred": False}),
-     (False, False, 31, {"include_background": False, "lambda_dice": 0.2, "lambda_ce": 0.8, "smooth": 1.0})],
+    "batch,per_call,options",
+    [(True, 8, {}), (False, 8, {}), (True, 31, {}), (False, 1, {}), (True, 5, {}), (True, None, {}),
+     (True, 31, {"include_background": False, "squared_pred": False}),
+     (False, 31, {"include_background": False, "lambda_dice": 0.2, "lambda_ce": 0.8, "smooth": 1.0})],
 )  # fmt: skip
-def test_aggregated_loss_equals_brute_force_over_31_subsets(batch, recompute, per_call, options):
-    """The folded, chunked scoring against MONAI's DiceCELoss on each subset sum, option by option."""
+def test_aggregated_loss_equals_brute_force_over_31_subsets(batch, per_call, options):
+    """The closed form, block by block, against MONAI's DiceCELoss on each subset sum, option by option."""
     side = [torch.randn(2, 4, 16, 16, requires_grad=True) for _ in range(5)]
     target = torch.randint(0, 4, (2, 1, 16, 16))
     seg = SegmentationLoss(batch=batch, **options)
-    aggregated = AggregatedLoss(seg, recompute=recompute, subsets_per_call=per_call)
+    aggregated = AggregatedLoss(seg, subsets_per_call=per_call)
     if per_call is None:
-        aggregated.call_elements = 3 * side[0].numel()  # sized for three subsets per call
+        aggregated.call_elements = 3 * side[0].numel()  # sized for three subsets per block
     batched = aggregated(side, target)
     brute = sum(
         seg(sum(side[i] for i in subset), target) for k in range(1, 6) for subset in itertools.combinations(range(5), k)
@@ -73,6 +73,36 @@ def test_aggregated_loss_equals_brute_force_over_31_subsets(batch, recompute, pe
     g_brute = torch.autograd.grad(brute, side)
     for a, b in zip(g_batched, g_brute):
         torch.testing.assert_close(a, b)
+    with torch.no_grad():  # no gradient formed, the same value
+        torch.testing.assert_close(aggregated(side, target), batched.detach())
+
+
+def test_aggregated_loss_of_volumes_and_of_soft_one_hot_targets():
+    """3D side outputs, and a one-hot target given as floats: still DiceCELoss, subset by subset."""
+    side = [torch.randn(1, 3, 6, 7, 5, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    target = F.one_hot(torch.randint(0, 3, (1, 6, 7, 5)), 3).movedim(-1, 1).double()
+    seg = SegmentationLoss()
+    loss = AggregatedLoss(seg)(side, target)
+    brute = sum(seg(sum(side[i] for i in s), target) for k in range(1, 4) for s in itertools.combinations(range(3), k))
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, brute)
+    for a, b in zip(torch.autograd.grad(loss, side), torch.autograd.grad(brute, side)):
+        torch.testing.assert_close(a, b)
+
+
+def test_aggregated_loss_under_bf16_autocast_is_float32_with_bf16_gradients():
+    side = [torch.randn(2, 4, 16, 16).bfloat16().requires_grad_() for _ in range(5)]
+    target = torch.randint(0, 4, (2, 1, 16, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = AggregatedLoss()(side, target)
+    reference = AggregatedLoss()([s.float() for s in side], target)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference)
+    grads = torch.autograd.grad(loss, side)
+    assert all(g.dtype == torch.bfloat16 for g in grads)
+    floats = torch.autograd.grad(AggregatedLoss()([s.float() for s in side], target), side)
+    for a, b in zip(grads, floats):
+        torch.testing.assert_close(a, b.bfloat16())
 
 
 def test_weighted_side_loss_is_weighted_sum():
