@@ -61,6 +61,9 @@ ROWS: dict[str, tuple] = {
     "MGRAD-UNet, shipped recipe with 3 feedback passes": (
         [], "docs/training_log_ablation_three_passes.csv",
         "models/ablation_three_passes/model.pt", AT_192),
+    "MGRAD-UNet, shipped recipe with 3 volumes × 4 slices": (
+        [], "docs/training_log_ablation_three_volumes.csv",
+        "models/ablation_three_volumes/model.pt", AT_192),
     "MGRAD-UNet, weighted side loss": (
         [], "docs/training_log_ablation_weighted_loss.csv",
         "models/ablation_weighted_loss/model.pt", AT_192),

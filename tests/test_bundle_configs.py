@@ -133,7 +133,8 @@ def test_every_config_merges_after_the_configs_it_names(override, base):
 @pytest.mark.parametrize(
     "name,changed,sample,passes,per_volume",
     [("ablation_no_patches", {"train#patch_size"}, [192, 192, 1], 1, 6),
-     ("ablation_three_passes", {"feedback_passes"}, [128, 128, 1], 3, 6)],
+     ("ablation_three_passes", {"feedback_passes"}, [128, 128, 1], 3, 6),
+     ("ablation_three_volumes", {"train#slices_per_volume", "train#dataloader#batch_size"}, [128, 128, 1], 1, 4)],
 )  # fmt: skip
 def test_each_recipe_ablation_is_the_shipped_recipe_but_for_one_choice(name, changed, sample, passes, per_volume):
     recipe = json.loads((CONFIGS / "ablation_shipped_recipe.json").read_text())
