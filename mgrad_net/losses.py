@@ -151,11 +151,12 @@ class _SubsetSegLoss(torch.autograd.Function):
             x = stacked.to(torch.promote_types(stacked.dtype, torch.float32)).contiguous().flatten(3)
             y = onehot.to(x.dtype).contiguous().flatten(2)  # B×K×V
             n = x.shape[0]
+            target_terms = _target_terms(y, seg)  # the same for every block
             dx = torch.zeros_like(x) if grad else None
             total = x.new_zeros(())
             for rows in subset_matrix(n, x.device, x.dtype).split(per_call):
                 z = torch.mm(rows, x.view(n, -1)).view(-1, *x.shape[1:])  # the block's subset sums
-                loss, dz = _subset_seg_loss(z, y, seg, grad)
+                loss, dz = _subset_seg_loss(z, y, target_terms, seg, grad)
                 total = total + loss
                 if dz is not None:
                     dx.view(n, -1).addmm_(rows.t(), dz.view(rows.shape[0], -1))
@@ -169,11 +170,20 @@ class _SubsetSegLoss(torch.autograd.Function):
         return dx * grad_output, None, None, None
 
 
+def _target_terms(y: torch.Tensor, seg: SegmentationLoss) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_k y_k per voxel (1×B×1×V) and the Dice denominator's target sums Σ y² (or Σ y) per class."""
+    yd = y[:, 0 if seg.include_background else 1 :]
+    dims = [0, 2] if seg.batch else [2]
+    ground = (yd * yd if seg.squared_pred else yd).sum(dims, keepdim=True)
+    return y.sum(1, keepdim=True)[None], ground
+
+
 def _subset_seg_loss(
-    z: torch.Tensor, y: torch.Tensor, seg: SegmentationLoss, grad: bool
+    z: torch.Tensor, y: torch.Tensor, target_terms: tuple, seg: SegmentationLoss, grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Σ_s L_seg(z_s) (eq. 9, as ``DiceCELoss`` computes it) over logits z (S×B×K×V) and one-hot
-    targets y (B×K×V), and, with ``grad``, its gradient with respect to z.
+    targets y (B×K×V) with their :func:`_target_terms`, and, with ``grad``, its gradient with
+    respect to z.
 
     With p = softmax(z), the cross-entropy is the mean over the B·V voxels of −Σ_k y_k log p_k,
     with gradient (p·Σ_k y_k − y)/(B·V). Each Dice term is 1 − (2I + ε)/(D + ε), I = Σ p y and
@@ -193,7 +203,7 @@ def _subset_seg_loss(
     dims = (1, 3) if seg.batch else (3,)  # per class, and per sample unless pooled
     inter = (pd * yd).sum(dims, keepdim=True)
     pred = (pd * pd if seg.squared_pred else pd).sum(dims, keepdim=True)
-    ground = (yd * yd if seg.squared_pred else yd).sum([d - 1 for d in dims], keepdim=True)
+    ysum, ground = target_terms
     num, den = 2 * inter + seg.smooth, pred + ground + seg.smooth
     dice = 1 - num / den  # S×1×K'×1 or S×B×K'×1
     loss = (seg.lambda_dice * dice.flatten(1).mean(1) + seg.lambda_ce * ce).sum()
@@ -212,7 +222,7 @@ def _subset_seg_loss(
     g *= p  # p∘g
     ce_weight = seg.lambda_ce / (b * v)
     # ∂z = p∘g − p·Σ_k p_k g_k + ce_weight·(p·Σ_k y_k − y), the two p-terms in one pass
-    dz = g.addcmul_(p, ce_weight * y.sum(1, keepdim=True) - g.sum(2, keepdim=True)).sub_(y, alpha=ce_weight)
+    dz = g.addcmul_(p, ce_weight * ysum - g.sum(2, keepdim=True)).sub_(y, alpha=ce_weight)
     return loss, dz
 
 
