@@ -64,6 +64,8 @@ ROWS: dict[str, tuple] = {
     "MGRAD-UNet, shipped recipe with 3 volumes × 4 slices": (
         [], "docs/training_log_ablation_three_volumes.csv",
         "models/ablation_three_volumes/model.pt", AT_192),
+    "MGRAD-UNet, shipped recipe at 224×224": (
+        [], "docs/training_log_ablation_roi_224.csv", "models/ablation_roi_224/model.pt"),
     "MGRAD-UNet, weighted side loss": (
         [], "docs/training_log_ablation_weighted_loss.csv",
         "models/ablation_weighted_loss/model.pt", AT_192),

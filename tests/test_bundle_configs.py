@@ -131,18 +131,22 @@ def test_every_config_merges_after_the_configs_it_names(override, base):
 
 
 @pytest.mark.parametrize(
-    "name,changed,sample,passes,per_volume",
-    [("ablation_no_patches", {"train#patch_size"}, [192, 192, 1], 1, 6),
-     ("ablation_three_passes", {"feedback_passes"}, [128, 128, 1], 3, 6),
-     ("ablation_three_volumes", {"train#slices_per_volume", "train#dataloader#batch_size"}, [128, 128, 1], 1, 4)],
+    "name,changed,sample,passes,per_volume,roi",
+    [("ablation_no_patches", {"train#patch_size"}, [192, 192, 1], 1, 6, [192, 192]),
+     ("ablation_three_passes", {"feedback_passes"}, [128, 128, 1], 3, 6, [192, 192]),
+     ("ablation_three_volumes", {"train#slices_per_volume", "train#dataloader#batch_size"}, [128, 128, 1], 1, 4,
+      [192, 192]),
+     ("ablation_roi_224", {"roi_size", "train#patch_size"}, [144, 144, 1], 1, 6, None)],
 )  # fmt: skip
-def test_each_recipe_ablation_is_the_shipped_recipe_but_for_one_choice(name, changed, sample, passes, per_volume):
+def test_each_recipe_ablation_is_the_shipped_recipe_but_for_one_choice(name, changed, sample, passes, per_volume, roi):
+    """``roi`` is the ``--roi_size`` its protocol command passes (None: none, the config sets it)."""
     recipe = json.loads((CONFIGS / "ablation_shipped_recipe.json").read_text())
     ablation = json.loads((CONFIGS / f"{name}.json").read_text())
     differ = {k for k in recipe.keys() | ablation.keys() if recipe.get(k) != ablation.get(k)}
     assert differ == {"_desc_", "ckpt_dir", "output_dir"} | changed
-    for config, size, t, n in (("ablation_shipped_recipe", [128, 128, 1], 1, 6), (name, sample, passes, per_volume)):
-        parser = _parser("train", config, roi_size=[192, 192])
+    runs = (("ablation_shipped_recipe", [128, 128, 1], 1, 6, [192, 192]), (name, sample, passes, per_volume, roi))
+    for config, size, t, n, r in runs:
+        parser = _parser("train", config, **({"roi_size": r} if r else {}))
         assert parser.get_parsed_content("train#sample_size") == size
         assert parser["train#slices_per_volume"] == n
         assert parser.get_parsed_content("train#dataloader#batch_size") * n == 12
