@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -27,6 +28,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import str2bool
 
 from mgrad_net.checkpoints import check_weights, resume_checkpoint
+from mgrad_net.engines import TrainingBudget
 
 __all__ = ["parse_switches", "check_training_cases", "start_checkpoint", "run_training", "report_outputs"]
 
@@ -156,12 +158,28 @@ def run_training(
         saver.attach(trainer)
     device = trainer.state.device
     if resume:
-        CheckpointLoader(load_path=start_from, load_dict=saver.save_dict, map_location=device).attach(trainer)
+        CheckpointLoader(
+            load_path=start_from, load_dict=_saved_part(saver.save_dict, start_from), map_location=device
+        ).attach(trainer)
     elif finetune:
         CheckpointLoader(load_path=start_from, load_dict={"model": trainer.network}, map_location=device).attach(
             trainer
         )
     trainer.run()
+
+
+def _saved_part(save_dict: dict[str, Any], path: str) -> dict[str, Any]:
+    """``save_dict`` less a training budget that the checkpoint at ``path`` holds no state for: it
+    was saved before the budget was part of the resumable state (bundle 0.8.3), and that budget
+    starts over from the resumed epoch, as it did then. Every other object must be in the file."""
+    saved = torch.load(path, map_location="cpu", weights_only=True).keys()
+    missing = [k for k, v in save_dict.items() if isinstance(v, TrainingBudget) and k not in saved]
+    if missing:
+        logging.getLogger("mgrad_net").warning(
+            "%s holds no training-budget state (saved before 0.8.3): the budget starts over from the resumed epoch",
+            path,
+        )
+    return {k: v for k, v in save_dict.items() if k not in missing}
 
 
 def report_outputs(**places: str) -> None:

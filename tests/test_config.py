@@ -3,19 +3,22 @@ training run's checkpoint handling, on real MONAI engines and on the bundle's ow
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointSaver, LrScheduleHandler
 from monai.losses import DiceCELoss
 
 from mgrad_net.config import parse_switches, run_training
+from mgrad_net.engines import TrainingBudget
 from mgrad_net.handlers import read_training_log
 from mgrad_net.networks import MGRADUNet
 from tests.bundle_utils import CONFIGS, config_files
@@ -109,6 +112,69 @@ def test_run_training_resume_without_a_checkpoint_names_the_folder(tmp_path):
     trainer = _trainer(max_epochs=1)
     with pytest.raises(FileNotFoundError, match=f"nothing to resume: {tmp_path}"):
         run_training(trainer, _saver(trainer, tmp_path), resume=True)
+
+
+def _budgeted(trainer: SupervisedTrainer, folder: Path, budget: TrainingBudget) -> tuple[CheckpointSaver, object]:
+    """``trainer`` wired as train.json wires it: the budget before a polynomial schedule's
+    handler, the budget and the schedule in the resumable checkpoint."""
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(trainer.optimizer, total_iters=trainer.state.max_epochs)
+    budget.lr_scheduler = scheduler
+    budget.attach(trainer)
+    LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
+    saver = _saver(trainer, folder)
+    saver.save_dict.update(lr_scheduler=scheduler, budget=budget)
+    return saver, scheduler
+
+
+def test_a_resumed_run_keeps_its_training_budget_and_schedule(tmp_path):
+    first = _trainer(max_epochs=10)
+    budget = TrainingBudget(1.0)
+
+    @first.on(Events.EPOCH_COMPLETED(once=1))
+    def _five_epochs_fit(engine):  # before the budget reads it: 5.5 first epochs, whatever the machine's speed
+        budget.seconds = 5.5 * engine.state.times["EPOCH_COMPLETED"]
+
+    saver, _ = _budgeted(first, tmp_path, budget)
+    first.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda e: e.terminate())  # killed after epoch 2
+    run_training(first, saver)
+    assert first.state.max_epochs == 5 and first.state.epoch == 2
+
+    resumed = _trainer(max_epochs=10)  # the command line's max_epochs again, as in the first run
+    again = TrainingBudget(1e6 / 60)  # an ample budget: what ends this run is the estimate it resumes
+    saver, scheduler = _budgeted(resumed, tmp_path, again)
+    run_training(resumed, saver, resume=True)
+    assert resumed.state.epoch == resumed.state.max_epochs == 5 == again.fit == scheduler.total_iters
+    assert again.epochs == 5 and again.spent > budget.spent  # the first run's time carried on
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule ended with it
+
+
+def test_a_resumed_run_whose_budget_is_spent_trains_no_further(tmp_path):
+    first = _trainer(max_epochs=3)
+    saver, _ = _budgeted(first, tmp_path, TrainingBudget(1.0))
+    run_training(first, saver)
+    ckpt = tmp_path / "checkpoint_epoch=3.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["budget"]["spent"] = 61.0  # a minute's budget, spent (the run itself stopped at max_epochs)
+    torch.save(state, ckpt)
+    resumed = _trainer(max_epochs=10)
+    saver, _ = _budgeted(resumed, tmp_path, TrainingBudget(1.0))
+    run_training(resumed, saver, resume=True)
+    assert resumed.state.iteration == state["trainer"]["iteration"]  # not one more step
+    for a, b in zip(resumed.network.parameters(), first.network.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_checkpoint_from_before_the_budget_was_saved_still_resumes(tmp_path, caplog):
+    first = _trainer(max_epochs=1)
+    saver, _ = _budgeted(first, tmp_path, TrainingBudget(1e6 / 60))
+    del saver.save_dict["budget"]  # saved as before 0.8.3
+    run_training(first, saver)
+    resumed = _trainer(max_epochs=2)
+    saver, _ = _budgeted(resumed, tmp_path, TrainingBudget(1e6 / 60))
+    with caplog.at_level(logging.WARNING, logger="mgrad_net"):
+        run_training(resumed, saver, resume=True)
+    assert resumed.state.epoch == 2
+    assert f"{tmp_path / 'checkpoint_epoch=1.pt'} holds no training-budget state" in caplog.text
 
 
 # ---------------------------------------------------------------- the bundle's configs, switches as text

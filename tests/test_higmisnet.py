@@ -230,7 +230,7 @@ def test_scheduler_group_steps_saves_and_resizes_all():
 
 ROI = ["--roi_size", "[64,64]"]
 GAN_KEYS = ("model", "optimizer", "optimizer_bg", "discriminator_fg", "discriminator_bg", "optimizer_d_fg",
-            "optimizer_d_bg", "lr_scheduler", "trainer", "best")  # fmt: skip
+            "optimizer_d_bg", "lr_scheduler", "trainer", "best", "budget")  # fmt: skip
 OPTIMIZERS = ("optimizer", "optimizer_bg", "optimizer_d_fg", "optimizer_d_bg")
 
 
@@ -291,14 +291,14 @@ def test_override_trains_an_epoch_infers_and_resumes_every_optimizer(tmp_path):
     stop = parser.get_parsed_content(
         "train#handlers#0"
     )  # StopOnNonFiniteLoss's last_good.pt: every network and optimizer
-    assert type(stop).__name__ == "StopOnNonFiniteLoss" and set(stop.save_dict) == set(GAN_KEYS) - {"trainer", "best"}
+    assert type(stop).__name__ == "StopOnNonFiniteLoss" and set(stop.save_dict) == set(GAN_KEYS) - {"trainer", "best", "budget"}
     fresh = {k: saver.save_dict[k].state_dict() for k in OPTIMIZERS}
     assert not any(s["state"] for s in fresh.values())  # before loading: nothing (the check can fail)
     resumed = {}
 
     @trainer.on(Events.EPOCH_STARTED)
     def _capture(engine):
-        resumed.update({k: saver.save_dict[k].state_dict() for k in GAN_KEYS if k not in ("trainer", "best")})
+        resumed.update({k: saver.save_dict[k].state_dict() for k in GAN_KEYS if k not in ("trainer", "best", "budget")})
         resumed["epoch"] = engine.state.epoch
         engine.terminate()
 

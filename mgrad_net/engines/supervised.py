@@ -178,6 +178,12 @@ class TrainingBudget:
     stops at the end of the first epoch that ends past the budget: epochs are never cut, so the
     last one is validated and checkpointed like any other.
 
+    The time spent and the estimate are part of the resumable checkpoint (``state_dict``): a run
+    resumed with ``--resume`` keeps the budget and the schedule it started with. MONAI's
+    ``CheckpointLoader`` puts the command line's ``max_epochs`` back after loading, so each epoch
+    starts by lowering it to the estimate again, and a run whose budget is spent stops before
+    another epoch.
+
     Args:
         minutes: the budget; 0 or less for none (the handler then does nothing).
         lr_scheduler: an epoch-level scheduler whose ``total_iters`` follows the estimate.
@@ -188,25 +194,47 @@ class TrainingBudget:
         self.lr_scheduler = lr_scheduler
         self.spent = 0.0
         self.epochs = 0
+        self.fit: int | None = None  # the epochs that fit, estimated once from the first epoch
 
     def attach(self, engine: Engine) -> None:
         if self.seconds > 0:
+            engine.add_event_handler(Events.EPOCH_STARTED, self._keep_budget)
             # attach it before LrScheduleHandler: the estimate then lands before the scheduler steps
             engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spent": self.spent, "epochs": self.epochs, "fit": self.fit}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.spent, self.epochs = float(state["spent"]), int(state["epochs"])
+        self.fit = None if state["fit"] is None else int(state["fit"])
+
+    def _keep_budget(self, engine: Engine) -> None:
+        if self.fit is None:
+            return
+        if self.spent >= self.seconds or engine.state.epoch > self.fit:
+            logging.getLogger("mgrad_net").info(
+                "training budget %.1f min already spent (%.1f min, %d epochs): stopping", self.seconds / 60,
+                self.spent / 60, self.epochs)  # fmt: skip
+            engine.terminate()
+        else:
+            engine.state.max_epochs = min(engine.state.max_epochs, self.fit)
 
     def __call__(self, engine: Engine) -> None:
         # ignite's time of the epoch's iterations, set before EPOCH_COMPLETED's handlers run
         self.spent += engine.state.times[Events.EPOCH_COMPLETED.name]
         self.epochs += 1
         log = logging.getLogger("mgrad_net")
-        if self.epochs == 1:
-            fit = max(engine.state.epoch, engine.state.epoch - 1 + math.floor(self.seconds / max(self.spent, 1e-9)))
-            if fit < engine.state.max_epochs:
+        if self.fit is None:
+            self.fit = max(
+                engine.state.epoch, engine.state.epoch - 1 + math.floor(self.seconds / max(self.spent, 1e-9))
+            )
+            if self.fit < engine.state.max_epochs:
                 log.info("training budget %.1f min: %d epochs fit (the first took %.1f s); max_epochs %d -> %d",
-                         self.seconds / 60, fit, self.spent, engine.state.max_epochs, fit)  # fmt: skip
-                engine.state.max_epochs = fit
+                         self.seconds / 60, self.fit, self.spent, engine.state.max_epochs, self.fit)  # fmt: skip
+                engine.state.max_epochs = self.fit
                 if hasattr(self.lr_scheduler, "total_iters"):
-                    self.lr_scheduler.total_iters = fit
+                    self.lr_scheduler.total_iters = self.fit
         if self.spent >= self.seconds and engine.state.epoch < engine.state.max_epochs:
             log.info("training budget %.1f min spent after epoch %d: stopping", self.seconds / 60, engine.state.epoch)
             engine.terminate()
