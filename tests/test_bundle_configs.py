@@ -102,7 +102,8 @@ def test_config_workflow_properties(files, workflow_type, tmp_path):
 
 
 # what a base config name on a command line stands for: evaluate.json merges after train.json
-_BASES = {"inference": ["inference"], "train": ["train"], "evaluate": ["train", "evaluate"]}
+_BASES = {"inference": ["inference"], "train": ["train"], "evaluate": ["train", "evaluate"],
+          "baseline_basicunet": ["train", "baseline_basicunet"]}  # fmt: skip
 
 
 def _merges() -> list[tuple[str, str]]:
@@ -152,6 +153,18 @@ def test_each_recipe_ablation_is_the_shipped_recipe_but_for_one_choice(name, cha
         assert parser.get_parsed_content("train#dataloader#batch_size") * n == 12
         assert parser.get_parsed_content("feedback_passes") == t
         assert parser.get_parsed_content("ckpt_dir").endswith(f"models/{config}")
+
+
+def test_the_baselines_shipped_recipe_row_samples_as_mgrad_unets():
+    recipe = json.loads((CONFIGS / "ablation_shipped_recipe.json").read_text())
+    baseline = json.loads((CONFIGS / "baseline_basicunet_shipped_recipe.json").read_text())
+    assert {k: v for k, v in recipe.items() if k.startswith("train#")} == {
+        k: v for k, v in baseline.items() if k.startswith("train#")
+    }
+    parser = _parser("train", "baseline_basicunet", "baseline_basicunet_shipped_recipe", roi_size=[192, 192])
+    assert type(parser.get_parsed_content("network_def")).__name__ == "BasicUNet"
+    assert parser.get_parsed_content("train#sample_size") == [128, 128, 1]
+    assert parser.get_parsed_content("ckpt_dir").endswith("models/baseline_basicunet_shipped_recipe")
 
 
 def test_merges_cover_every_config_but_the_two_entry_configs():

@@ -220,8 +220,12 @@ def test_the_bundle_trains_with_every_switch_given_as_text(tmp_path, tiny_data):
     not_weights.write_text("fine-tuning from this file would fail")
     off = dict(amp="false", compile="False", finetune="false", resume="false", ckpt_path=str(not_weights))
     net = {"network_def#use_rfb": "false", "network_def#side_outputs": "0", "network_def#channels_last": "true"}
-    workflow = _train(tmp_path, tiny_data, max_epochs=1, **off, **net, **{"train#foreground_sampling": "false"})
+    workflow = _train(tmp_path, tiny_data, max_epochs=1, train_minutes="5", **off, **net,
+                      **{"train#foreground_sampling": "false"})  # fmt: skip
     trainer = workflow.parser.get_parsed_content("train#trainer")
+    # the resumable checkpoint holds the trainer's own training budget: the one that counted the epoch
+    budget = workflow.parser.get_parsed_content("train#checkpoint_saver").save_dict["budget"]
+    assert isinstance(budget, TrainingBudget) and budget.epochs == 1 and budget.spent > 0
     assert trainer.amp is False and trainer.compile is False and trainer.state.epoch == 1
     assert not any(type(m).__name__ == "RFB" for m in trainer.network.modules())
     assert len(trainer.network.side.convs) == 0 and trainer.network.channels_last is True
@@ -234,8 +238,10 @@ def test_the_bundle_trains_with_every_switch_given_as_text(tmp_path, tiny_data):
     ]
 
     # --resume true (lower case, as typed) continues from epoch 1's checkpoint
-    workflow = _train(tmp_path, tiny_data, max_epochs=2, resume="true", **net)
+    workflow = _train(tmp_path, tiny_data, max_epochs=2, resume="true", train_minutes="5", **net)
     assert workflow.parser.get_parsed_content("train#trainer").state.epoch == 2
+    saved = torch.load(tmp_path / "models" / "checkpoint_epoch=2.pt", weights_only=True)["budget"]
+    assert saved["epochs"] == 2 and saved["spent"] > budget.spent  # the budget went on from the first run's
     assert [int(r["epoch"]) for r in read_training_log(tmp_path / "eval" / "training_log.csv")] == [1, 2]
 
 

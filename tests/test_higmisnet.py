@@ -291,7 +291,8 @@ def test_override_trains_an_epoch_infers_and_resumes_every_optimizer(tmp_path):
     stop = parser.get_parsed_content(
         "train#handlers#0"
     )  # StopOnNonFiniteLoss's last_good.pt: every network and optimizer
-    assert type(stop).__name__ == "StopOnNonFiniteLoss" and set(stop.save_dict) == set(GAN_KEYS) - {"trainer", "best", "budget"}
+    assert type(stop).__name__ == "StopOnNonFiniteLoss"
+    assert set(stop.save_dict) == set(GAN_KEYS) - {"trainer", "best", "budget"}
     fresh = {k: saver.save_dict[k].state_dict() for k in OPTIMIZERS}
     assert not any(s["state"] for s in fresh.values())  # before loading: nothing (the check can fail)
     resumed = {}
