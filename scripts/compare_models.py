@@ -72,6 +72,10 @@ ROWS: dict[str, tuple] = {
     "BasicUNet (baseline)": (
         ["baseline_basicunet"], "docs/training_log_baseline_basicunet.csv",
         "models/baseline_basicunet/model.pt", AT_192),
+    "BasicUNet, shipped recipe": (
+        ["baseline_basicunet"],
+        "docs/training_log_baseline_basicunet_shipped_recipe.csv",
+        "models/baseline_basicunet_shipped_recipe/model.pt", AT_192),
     "SwinUNETR": (["swinunetr"], "docs/training_log_swinunetr.csv", "models/swinunetr/model.pt", AT_192),
     "SwinUNETR-RecA": (
         ["swinunetr_reca"], "docs/training_log_swinunetr_reca.csv", "models/swinunetr_reca/model.pt", AT_192),
