@@ -172,7 +172,7 @@ def _saved_part(save_dict: dict[str, Any], path: str) -> dict[str, Any]:
     """``save_dict`` less a training budget that the checkpoint at ``path`` holds no state for: it
     was saved before the budget was part of the resumable state (bundle 0.8.3), and that budget
     starts over from the resumed epoch, as it did then. Every other object must be in the file."""
-    saved = torch.load(path, map_location="cpu", weights_only=True).keys()
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()  # keys only: tensors stay on disk
     missing = [k for k, v in save_dict.items() if isinstance(v, TrainingBudget) and k not in saved]
     if missing:
         logging.getLogger("mgrad_net").warning(
