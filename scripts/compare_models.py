@@ -38,7 +38,8 @@ BUNDLE = REPO / "bundle"
 # every row runs in float32 (amp false) unless its ids say otherwise, whatever the machine's default
 SHIPPED_LOGS = (
     "docs/training_log.csv,docs/training_log_stage1.csv,docs/training_log_stage2.csv,docs/training_log_stage3.csv,"
-    "docs/training_log_stage4.csv,docs/training_log_stage5.csv,docs/training_log_stage6.csv"
+    "docs/training_log_stage4.csv,docs/training_log_stage5.csv,docs/training_log_stage6.csv,"
+    "docs/training_log_stage7.csv"
 )
 # the comparison protocol's rows trained at 192×192, the default roi_size before the shipped weights' last stage
 AT_192 = {"roi_size": [192, 192]}
