@@ -57,7 +57,8 @@ def parse_switches(component: Callable[..., T]) -> Callable[..., T]:
     ``"$mgrad_net.config.parse_switches(mgrad_net.networks.MGRADUNet)"``. Every keyword argument
     for a parameter whose default is a bool goes through ``monai.utils.str2bool`` before
     ``component`` is called, so ``--network_def#channels_last false`` turns the option off
-    instead of on; other text raises, naming the parameter.
+    instead of on; other text raises, naming the parameter. A module built from keyword
+    arguments keeps them as ``init_args``, for :class:`mgrad_net.checkpoints.RunRecord`.
     """
     switches = {name for name, p in inspect.signature(component).parameters.items() if isinstance(p.default, bool)}
 
@@ -65,7 +66,11 @@ def parse_switches(component: Callable[..., T]) -> Callable[..., T]:
     def build(*args: Any, **kwargs: Any) -> T:
         for name in switches & kwargs.keys():
             kwargs[name] = _as_bool(kwargs[name], name)
-        return component(*args, **kwargs)
+        built = component(*args, **kwargs)
+        if isinstance(built, torch.nn.Module) and not args:
+            # the arguments as built, for the checkpoint's record of what network it holds (RunRecord)
+            built.init_args = dict(kwargs)
+        return built
 
     return build
 

@@ -245,9 +245,8 @@ def _drawn_slices(tmp_path, *names: str) -> list[dict]:
     label = np.repeat(((r2 < 10**2) * 1 + ((r2 >= 10**2) & (r2 < 14**2)) * 2)[..., None], 4, axis=-1)
     for key, array in (("image", (label > 0) * 200.0 + 10), ("label", label)):
         nib.save(nib.Nifti1Image(array.astype(np.float32), np.eye(4)), str(tmp_path / f"{key}.nii.gz"))
-    transform = _parser(*names, roi_size=[48, 48], **{"train#slices_per_volume": 8}).get_parsed_content(
-        "train#preprocessing"
-    )
+    sizes = {"roi_size": [48, 48], "patch_size": [48, 48], "train#slices_per_volume": 8}
+    transform = _parser(*names, **sizes).get_parsed_content("train#preprocessing")
     transform.set_random_state(seed=0)
     files = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
     return [s for _ in range(4) for s in transform(dict(files))]

@@ -204,13 +204,10 @@ def test_compile_loss_switch_gives_the_eager_losses_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
-def _budgeted_run(budget_in_first_epochs, slow_down=False, epochs=10):
+def _budgeted_run(minutes, epoch_seconds, epochs=10):
     """A real trainer under a ``TrainingBudget`` and a polynomial LR schedule, as train.json wires
-    them. The budget is ``budget_in_first_epochs`` times the first epoch's measured time (set as
-    that epoch ends, before the budget reads it: the test holds on a loaded machine); with
-    ``slow_down`` the first iteration of every later epoch sleeps a whole budget."""
-    import time
-
+    them. Each epoch's training time is set to ``epoch_seconds(epoch)`` as the epoch ends, before
+    the budget reads it (ignite's own measurement replaced: the test holds on a loaded machine)."""
     from monai.handlers import LrScheduleHandler
 
     from mgrad_net.engines import TrainingBudget
@@ -218,41 +215,52 @@ def _budgeted_run(budget_in_first_epochs, slow_down=False, epochs=10):
     net = tiny_net(out_channels=2)
     trainer = _trainer(net, passes=1, epochs=epochs, loader=_loader(count=6, batch_size=2))
     scheduler = torch.optim.lr_scheduler.PolynomialLR(trainer.optimizer, total_iters=epochs, power=0.9)
-    budget = TrainingBudget(1.0 if budget_in_first_epochs else 0, lr_scheduler=scheduler)
+    budget = TrainingBudget(minutes, lr_scheduler=scheduler)
+    rates = []
 
-    @trainer.on(Events.EPOCH_COMPLETED(once=1))
-    def _set_budget(engine):
-        budget.seconds = budget_in_first_epochs * engine.state.times["EPOCH_COMPLETED"]
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _clock(engine):
+        engine.state.times["EPOCH_COMPLETED"] = epoch_seconds(engine.state.epoch)
+        rates.append(trainer.optimizer.param_groups[0]["lr"])  # the rate the epoch trained at
 
     budget.attach(trainer)
     LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
-    if slow_down:
-        trainer.add_event_handler(
-            Events.ITERATION_COMPLETED,
-            lambda e: (
-                e.state.epoch > 1 and e.state.iteration % e.state.epoch_length == 1 and time.sleep(budget.seconds)
-            ),
-        )
     trainer.run()
-    return trainer, scheduler
+    return trainer, scheduler, budget, rates
 
 
 def test_training_budget_cuts_max_epochs_and_the_schedule_to_the_epochs_that_fit():
-    trainer, scheduler = _budgeted_run(2.9)
-    assert trainer.state.max_epochs == 2 == trainer.state.epoch
-    assert scheduler.total_iters == 2
+    trainer, scheduler, budget, _ = _budgeted_run(3 / 60, lambda epoch: 1.0)  # 3 s of 1-second epochs
+    assert trainer.state.max_epochs == 3 == trainer.state.epoch == scheduler.total_iters
+    assert budget.spent == pytest.approx(3.0)
     # the schedule ends with the budget: after the last epoch's step the rate is 0 (poly decay)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_a_slow_first_epoch_does_not_shorten_the_budgeted_run():
+    # 20 s: the first epoch takes 10 (warm-up), the others 2; estimated from the first alone, 2 epochs would fit
+    trainer, scheduler, budget, rates = _budgeted_run(20 / 60, lambda epoch: 10.0 if epoch == 1 else 2.0)
+    assert trainer.state.epoch == trainer.state.max_epochs == 6 == scheduler.total_iters
+    assert budget.spent == pytest.approx(20.0)  # the whole budget used
+    # once the estimate settles (after epoch 2) the rate is the closed-form poly decay over the 6 epochs
+    base = scheduler.base_lrs[0]
+    assert rates[:2] == pytest.approx([base, base * 0.5**0.9])  # epoch 2 at the first estimate's (2 epochs)
+    assert rates[2:] == pytest.approx([base * (1 - e / 6) ** 0.9 for e in range(2, 6)])
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_training_budget_stops_after_the_epoch_that_spends_it_when_epochs_slow_down():
-    trainer, _ = _budgeted_run(3.5, slow_down=True)
-    assert trainer.state.max_epochs == 3
-    assert trainer.state.epoch == 2
+    trainer, _, budget, _ = _budgeted_run(3.5 / 60, lambda epoch: 1.0 if epoch == 1 else 3.0)
+    assert trainer.state.epoch == 2 and budget.spent == pytest.approx(4.0)
+
+
+def test_training_budget_never_raises_max_epochs_over_the_commands():
+    trainer, _, budget, _ = _budgeted_run(100 / 60, lambda epoch: 1.0, epochs=4)
+    assert trainer.state.epoch == trainer.state.max_epochs == 4 and budget.fit > 4
 
 
 def test_no_training_budget_leaves_the_schedule_alone():
-    trainer, scheduler = _budgeted_run(0, epochs=3)
+    trainer, scheduler, _, _ = _budgeted_run(0, lambda epoch: 1.0, epochs=3)
     assert trainer.state.epoch == trainer.state.max_epochs == 3
     assert scheduler.total_iters == 3
 

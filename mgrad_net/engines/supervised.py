@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Any
 
 import torch
@@ -168,18 +167,22 @@ class FeedbackTrainer(SupervisedTrainer):
 
 
 class TrainingBudget:
-    """Stop a training after ``minutes`` of training time, validation excluded (the comparison
-    protocol's budget, ``../shared/PROTOCOL.md``).
+    """Stop a training after ``minutes`` of training time, validation excluded, with the epochs
+    and the learning-rate schedule following the clock (the comparison protocol's budget).
 
-    After the first epoch the epochs that fit in the budget are estimated from that epoch's time;
-    the trainer's ``max_epochs`` is lowered to that number (never raised) and so is the
-    ``total_iters`` of ``lr_scheduler`` when it has one (a polynomial decay then ends with the
-    budget, as a schedule chosen for it would). Should later epochs run slower, the training
-    stops at the end of the first epoch that ends past the budget: epochs are never cut, so the
-    last one is validated and checkpointed like any other.
+    After every epoch the epochs that fit are estimated again: the epochs done, plus the time
+    left divided by the mean time of this process's epochs since its first (the first alone
+    while it is the only one: it carries the warm-up, so a slow first epoch no longer shortens
+    the run). The trainer's ``max_epochs`` becomes that estimate (never more than the command's
+    ``max_epochs``), and so does the ``total_iters`` of ``lr_scheduler`` when it has one; a
+    ``PolynomialLR`` is re-anchored to its closed form, so the rate is always
+    ``base * (1 - epoch / estimate) ** power`` and reaches its end with the budget. Should the
+    epochs run slower than estimated, the training stops at the end of the first epoch that ends
+    past the budget: epochs are never cut, so the last one is validated and checkpointed like any
+    other.
 
-    The time spent and the estimate are part of the resumable checkpoint (``state_dict``): a run
-    resumed with ``--resume`` keeps the budget and the schedule it started with. MONAI's
+    The budget, the time spent and the estimate are part of the resumable checkpoint
+    (``state_dict``): a run resumed with ``--resume`` keeps the budget it started with. MONAI's
     ``CheckpointLoader`` puts the command line's ``max_epochs`` back after loading, so each epoch
     starts by lowering it to the estimate again, and a run whose budget is spent stops before
     another epoch.
@@ -194,7 +197,9 @@ class TrainingBudget:
         self.lr_scheduler = lr_scheduler
         self.spent = 0.0
         self.epochs = 0
-        self.fit: int | None = None  # the epochs that fit, estimated once from the first epoch
+        self.fit: int | None = None  # the epochs that fit, as last estimated
+        self._cap: int | None = None  # the command's max_epochs, as this process first saw it
+        self._times: list[float] = []  # this process's epoch times
 
     def attach(self, engine: Engine) -> None:
         if self.seconds > 0:
@@ -203,13 +208,20 @@ class TrainingBudget:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"spent": self.spent, "epochs": self.epochs, "fit": self.fit}
+        return {"seconds": self.seconds, "spent": self.spent, "epochs": self.epochs, "fit": self.fit}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "seconds" in state and float(state["seconds"]) != self.seconds:
+            logging.getLogger("mgrad_net").warning(
+                "resuming a run whose training budget is %.1f min: that budget is kept (this command gave %.1f)",
+                float(state["seconds"]) / 60, self.seconds / 60)  # fmt: skip
+            self.seconds = float(state["seconds"])
         self.spent, self.epochs = float(state["spent"]), int(state["epochs"])
         self.fit = None if state["fit"] is None else int(state["fit"])
 
     def _keep_budget(self, engine: Engine) -> None:
+        if self._cap is None:
+            self._cap = engine.state.max_epochs
         if self.fit is None:
             return
         if self.spent >= self.seconds or engine.state.epoch > self.fit:
@@ -222,22 +234,39 @@ class TrainingBudget:
 
     def __call__(self, engine: Engine) -> None:
         # ignite's time of the epoch's iterations, set before EPOCH_COMPLETED's handlers run
-        self.spent += engine.state.times[Events.EPOCH_COMPLETED.name]
+        took = engine.state.times[Events.EPOCH_COMPLETED.name]
+        self.spent += took
         self.epochs += 1
+        self._times.append(took)
         log = logging.getLogger("mgrad_net")
-        if self.fit is None:
-            self.fit = max(
-                engine.state.epoch, engine.state.epoch - 1 + math.floor(self.seconds / max(self.spent, 1e-9))
-            )
-            if self.fit < engine.state.max_epochs:
-                log.info("training budget %.1f min: %d epochs fit (the first took %.1f s); max_epochs %d -> %d",
-                         self.seconds / 60, self.fit, self.spent, engine.state.max_epochs, self.fit)  # fmt: skip
-                engine.state.max_epochs = self.fit
-                if hasattr(self.lr_scheduler, "total_iters"):
-                    self.lr_scheduler.total_iters = self.fit
-        if self.spent >= self.seconds and engine.state.epoch < engine.state.max_epochs:
-            log.info("training budget %.1f min spent after epoch %d: stopping", self.seconds / 60, engine.state.epoch)
-            engine.terminate()
+        epoch = engine.state.epoch
+        if self.spent >= self.seconds:
+            if epoch < engine.state.max_epochs:
+                log.info("training budget %.1f min spent after epoch %d: stopping", self.seconds / 60, epoch)
+                engine.terminate()
+            return
+        later = self._times[1:] or self._times
+        per_epoch = max(sum(later) / len(later), 1e-9)
+        fit = epoch + round((self.seconds - self.spent) / per_epoch)
+        total = min(self._cap if self._cap is not None else engine.state.max_epochs, fit)
+        if total != engine.state.max_epochs:
+            log.info("training budget %.1f min, %.1f spent: %d epochs fit (%.1f s each); max_epochs %d -> %d",
+                     self.seconds / 60, self.spent / 60, fit, per_epoch, engine.state.max_epochs, total)  # fmt: skip
+        self.fit = fit  # uncapped: a resumed run given a larger max_epochs goes on to it
+        engine.state.max_epochs = total
+        self._follow(total)
+
+    def _follow(self, total: int) -> None:
+        """The schedule's length set to ``total`` epochs; a polynomial decay's rate re-anchored to
+        its closed form at the current epoch, so the next step continues the new curve."""
+        scheduler = self.lr_scheduler
+        if not hasattr(scheduler, "total_iters"):
+            return
+        scheduler.total_iters = total
+        if isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR):
+            left = 1.0 - min(scheduler.last_epoch, total) / total
+            for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * left**scheduler.power
 
 
 class EvaluatorAutocast:
