@@ -25,12 +25,22 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from ignite.engine import Engine
 from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.networks.utils import copy_model_state
 from monai.utils import str2bool
 
-from mgrad_net.checkpoints import check_weights, resume_checkpoint
+from mgrad_net.checkpoints import check_weights, earlier_run, load_checkpoint, resume_checkpoint
 from mgrad_net.engines import TrainingBudget
+from mgrad_net.handlers import BestMetricRecord
+from mgrad_net.io import checkpoints_newest_first
 
-__all__ = ["parse_switches", "check_training_cases", "start_checkpoint", "run_training", "report_outputs"]
+__all__ = [
+    "parse_switches",
+    "check_training_cases",
+    "start_checkpoint",
+    "run_training",
+    "announce_data",
+    "report_outputs",
+]
 
 T = TypeVar("T")
 
@@ -103,22 +113,27 @@ def start_checkpoint(
     resume: bool = False,
     weights: str | None = None,
     configs_dir: str | os.PathLike | None = None,
+    discard_unfinished: bool = False,
 ) -> str | None:
     """The file a training run starts from, loaded and matched against ``network`` up front:
     with ``resume`` the newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` that loads
     (:func:`mgrad_net.checkpoints.resume_checkpoint`), with ``finetune`` the ``weights``
-    (:func:`mgrad_net.checkpoints.check_weights`), else ``None``: from scratch.
+    (:func:`mgrad_net.checkpoints.check_weights`; another class set passes, its output layers then
+    start fresh), else ``None``: from scratch. A new run (not
+    ``resume``) is refused where an unfinished run's checkpoint is (:func:`mgrad_net.checkpoints.earlier_run`).
 
     Raises:
         CheckpointError: in one line, naming the file: missing, empty, truncated, or of another
-            architecture (with the override that loads it); or no checkpoint to resume from.
+            architecture (with the override that loads it); no checkpoint to resume from; an
+            unfinished run a new one would end.
     """
     if resume:
         return resume_checkpoint(ckpt_dir, network, configs_dir)
+    earlier_run(ckpt_dir, discard_unfinished=discard_unfinished)
     if finetune:
         if not weights:
             raise ValueError("finetune needs the path of the weights to start from.")
-        return check_weights(weights, network, configs_dir)
+        return check_weights(weights, network, configs_dir, new_classes=True)
     return None
 
 
@@ -161,15 +176,28 @@ def run_training(
         start_from = start_checkpoint(ckpt_dir, trainer.network, finetune=finetune, resume=resume, weights=weights)
     if saver is not None:
         saver.attach(trainer)
+        # what is left in the folder is this run's to replace: the checkpoint it resumes, or an
+        # earlier run's that start_checkpoint let through (finished, or discard_unfinished)
+        if hasattr(saver, "supersede"):
+            saver.supersede(checkpoints_newest_first(saver.save_dir))
+        for obj in saver.save_dict.values():
+            if isinstance(obj, BestMetricRecord) and resume:
+                obj.resumed_from = Path(start_from)
     device = trainer.state.device
     if resume:
         CheckpointLoader(
             load_path=start_from, load_dict=_saved_part(saver.save_dict, start_from), map_location=device
         ).attach(trainer)
     elif finetune:
-        CheckpointLoader(load_path=start_from, load_dict={"model": trainer.network}, map_location=device).attach(
-            trainer
-        )
+        # every tensor whose name and shape fit; the output layers of another class set start fresh
+        # (check_weights named them). Not CheckpointLoader(strict_shape=False): MONAI 1.6.1 hands
+        # copy_model_state the whole file instead of its "model" entry, and nothing loads.
+        state = load_checkpoint(start_from, "weights")
+        network = getattr(trainer.network, "module", trainer.network)  # DistributedDataParallel
+        _, loaded, fresh = copy_model_state(network, state["model"] if "model" in state else state, inplace=True)
+        logging.getLogger("mgrad_net").info(
+            "fine-tuning from %s: %d of %d tensors loaded%s", start_from, len(loaded), len(loaded) + len(fresh),
+            f"; fresh: {', '.join(fresh)}" if fresh else "")  # fmt: skip
     trainer.run()
 
 
@@ -187,13 +215,30 @@ def _saved_part(save_dict: dict[str, Any], path: str) -> dict[str, Any]:
     return {k: v for k, v in save_dict.items() if k not in missing}
 
 
-def report_outputs(**places: str) -> None:
-    """Print, as a run's last lines, where its outputs are (``name=path``; those that exist).
+def _on_phantoms(dataset_dir: str | os.PathLike | None, synthetic_dir: str | os.PathLike | None) -> bool:
+    if not dataset_dir or not synthetic_dir:
+        return False
+    return Path(dataset_dir).expanduser().resolve() == Path(synthetic_dir).expanduser().resolve()
+
+
+def announce_data(dataset_dir: str | os.PathLike, synthetic_dir: str | os.PathLike) -> None:
+    """A run's first line when it runs on the embedded synthetic phantoms: no ``--dataset_dir`` was given."""
+    if _on_phantoms(dataset_dir, synthetic_dir):
+        logging.getLogger("mgrad_net").warning(
+            "no --dataset_dir given: this run uses the embedded synthetic phantoms in %s, not your data", dataset_dir
+        )
+
+
+def report_outputs(dataset_dir: str | None = None, synthetic_dir: str | None = None, **places: str) -> None:
+    """Print, as a run's last lines, where its outputs are (``name=path``; those that exist), and,
+    where the run used the embedded synthetic phantoms (``dataset_dir`` is ``synthetic_dir``), say so.
 
     ``train.json`` names the weights, the training log and the TensorBoard folder;
-    ``inference.json`` the segmentations' folder."""
+    ``inference.json`` the segmentations' folder; ``evaluate.json`` the report and pictures."""
     lines = [
         f"  {name.replace('_', ' ')}: {os.path.abspath(path)}" for name, path in places.items() if os.path.exists(path)
     ]
     if lines:
         print("outputs:\n" + "\n".join(lines), flush=True)
+    if _on_phantoms(dataset_dir, synthetic_dir):
+        print(f"(from the embedded synthetic phantoms in {dataset_dir}, not your data: pass --dataset_dir)", flush=True)

@@ -27,6 +27,8 @@ __all__ = [
     "NoCheckpointError",
     "CkptDirInUseError",
     "NoSpaceLeftError",
+    "DataFormatError",
+    "NonFiniteLossError",
     "find_user_error",
     "install_excepthook",
     "TRACEBACK_ENV",
@@ -59,6 +61,14 @@ class NoCheckpointError(CheckpointError, FileNotFoundError):
 
 class CkptDirInUseError(UserError, BlockingIOError):
     """Another live training run holds the ``ckpt_dir``'s lock."""
+
+
+class DataFormatError(UserError, ValueError):
+    """A datalist that is not valid JSON or lacks the section a run reads."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Training met a NaN or infinite loss and stopped before it reached the weights."""
 
 
 class NoSpaceLeftError(UserError, OSError):

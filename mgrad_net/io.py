@@ -107,22 +107,34 @@ def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, dst: str | os.PathL
 
 
 def keep_previous(path: str | os.PathLike) -> Path | None:
-    """Before a run replaces ``path`` (say, ``models/model.pt``), copy it to
+    """Before a run replaces ``path`` (say, ``models/model.pt`` or ``eval/metrics.csv``), copy it to
     ``<stem>_before_<YYYYmmdd-HHMMSS><suffix>`` beside it and log that; return the copy's path.
+    A folder (``pictures/``) is moved instead, since the run writes a new one.
 
-    A copy, not a rename: the file stays where it is until the run replaces it, so a run that
+    A file is copied, not renamed: it stays where it is until the run replaces it, so a run that
     fine-tunes from it still finds it.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-    kept = path.with_name(f"{path.stem}_before_{stamp}{path.suffix}")
-    if not kept.exists():
+    name = path.name
+    stem, suffix = (name[: -len(".nii.gz")], ".nii.gz") if name.endswith(".nii.gz") else (path.stem, path.suffix)
+    kept = path.with_name(f"{stem}_before_{stamp}{'' if path.is_dir() else suffix}")
+    if path.is_dir():
+        for n in range(2, 10_000):
+            if not kept.exists():
+                break
+            kept = path.with_name(f"{stem}_before_{stamp}_{n}")
+        path.rename(kept)
+    elif not kept.exists():
         with atomic_path(kept) as tmp:
             shutil.copy2(path, tmp)
     logging.getLogger("mgrad_net").warning(
-        "%s will be replaced by this run; the previous file is kept as %s", path, kept
+        "%s will be replaced by this run; the previous %s is kept as %s",
+        path,
+        "folder" if kept.is_dir() else "file",
+        kept,
     )
     return kept
 

@@ -318,7 +318,8 @@ class OverlayPictures:
     warning, not failed: a picture is never worth losing the evaluation's metrics.
 
     The picture of case ``<name>.nii.gz`` is ``<output_dir>/<name>.png`` (see
-    :func:`case_figure`), written atomically when the case's iteration completes.
+    :func:`case_figure`), written atomically when the case's iteration completes; a later case of
+    the run with the same file name is ``<folder>_<name>.png``.
 
     Args:
         output_dir: folder of the pictures.
@@ -385,8 +386,15 @@ class OverlayPictures:
                 filename, image.shape, pred.shape, None if label is None else label.shape,
             )  # fmt: skip
             return None
+        path = self.output_dir / f"{_case_name(str(filename))}.png"
+        if path in self.written:  # two cases of this run share a file name: the later one names its folder too
+            path = self.output_dir / f"{Path(str(filename)).parent.name}_{path.name}"
+            for n in range(2, 10_000):
+                if path not in self.written:
+                    break
+                path = path.with_name(f"{_case_name(str(filename))}_{n}.png")
         path = write_case_picture(
-            self.output_dir / f"{_case_name(str(filename))}.png", image, label, pred, self.class_names,
+            path, image, label, pred, self.class_names,
             title=Path(str(filename)).name, n_slices=self.n_slices, alpha=self.alpha, dpi=self.dpi,
             affine=None if affine is None else np.asarray(affine),
         )  # fmt: skip

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mgrad_net.checkpoints import read_records
 from mgrad_net.handlers import read_training_log
 from mgrad_net.networks import MGRADUNet
 from tests.bundle_utils import SHARED_DATA, run_bundle
@@ -66,7 +67,10 @@ def test_training_writes_synthetic_default_and_checkpoints(synthetic_run):
     assert {len(datalist[s]) for s in ("training", "validation", "test")} <= {12, 3}
     best = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     net = MGRADUNet(out_channels=4, features=(4, 8, 16, 32, 64), decoder_channels=8)
-    net.load_state_dict(best)  # the best weights are a plain state dict of the configured network
+    net.load_state_dict(best)  # the best weights are a plain state dict of the configured network, and say so
+    records = read_records(root / "models" / "model.pt")
+    assert records["record"]["network"] == "mgrad_net.networks.mgrad_unet.MGRADUNet"
+    assert records["record"]["roi_size"] == [48, 48] and records["best"]["best_metric"] >= 0
     latest = list((root / "models").glob("checkpoint*.pt"))
     assert len(latest) == 1
     state = torch.load(latest[0], map_location="cpu", weights_only=True)  # plain tensors and numbers only
@@ -144,7 +148,8 @@ def test_finetune_starts_from_the_weights_at_ckpt_path(tmp_path, synthetic_run):
         "--dataset_dir", str(root / "data" / "synthetic"), "--ckpt_path", str(start), "--finetune", "true",
         "--max_epochs", "1", "--train#slices_per_volume", "1",
     )  # fmt: skip
-    assert f"Restored all variables from {start}" in proc.stdout + proc.stderr
+    assert f"fine-tuning from {start}: " in proc.stdout + proc.stderr
+    assert "tensors loaded" in proc.stdout + proc.stderr and "; fresh:" not in proc.stdout + proc.stderr
     assert (tmp_path / "models" / "model.pt").read_bytes() != b"weights of an earlier run"
     kept = list((tmp_path / "models").glob("model_before_*.pt"))  # the earlier weights, kept and logged
     assert len(kept) == 1 and kept[0].read_bytes() == b"weights of an earlier run"

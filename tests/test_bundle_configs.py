@@ -357,11 +357,12 @@ def test_rank0_only_handlers_are_chosen_by_their_own_flag_not_by_position(tmp_pa
         "TrainingBudget",
         "LrScheduleHandler",
         "ValidationHandler",
+        "WeightsWithoutValidation",
         "TrainingLog",
     ]
     assert validate == ["AtomicCheckpointSaver"]  # Ignite writes its files on rank 0 only
     train, validate = _handler_types(tmp_path, is_not_rank0=False)
-    assert train[-3:] == ["StatsHandler", "TensorBoardStatsHandler", "ProgressBar"] and len(train) == 9
+    assert train[-3:] == ["StatsHandler", "TensorBoardStatsHandler", "ProgressBar"] and len(train) == 10
     assert validate == ["StatsHandler", "TensorBoardStatsHandler", "AtomicCheckpointSaver"]
 
 

@@ -76,15 +76,22 @@ def test_inference_never_replaces_a_file_it_did_not_write(tmp_path):
     with pytest.raises(Exception) as excinfo:
         _infer(tmp_path, data, output_dir=data)  # output_dir is the data folder
     message = str(_refusal(excinfo))
-    assert str(data / "case_seg.nii.gz") in message and "--overwrite true" in message
+    assert f"{data / 'case_seg.nii.gz'}: would lie beside {data / 'case.nii.gz'} named as its label" in message
     assert _files(data) == before  # refused before anything was written
+    with pytest.raises(Exception) as excinfo:  # a prediction never replaces a label, even when asked to overwrite
+        _infer(tmp_path, data, output_dir=data, overwrite="true")
+    assert _files(data) == before
 
-    _infer(tmp_path, data, output_dir=data, overwrite="true")  # asked for, as on the command line
-    after = _files(data)
-    assert set(after) == set(before) and after["case.nii.gz"] == before["case.nii.gz"]
-    written = nib.load(data / "case_seg.nii.gz")
-    assert after["case_seg.nii.gz"] != before["case_seg.nii.gz"] and written.get_data_dtype() == np.uint8
-    assert written.shape == label.shape
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "case_seg.nii.gz").write_bytes(b"an earlier file")  # an existing file, no label of anything there
+    with pytest.raises(Exception) as excinfo:
+        _infer(tmp_path, data, output_dir=out)
+    assert str(out / "case_seg.nii.gz") in str(_refusal(excinfo)) and "--overwrite true" in str(_refusal(excinfo))
+    _infer(tmp_path, data, output_dir=out, overwrite="true")  # asked for, as on the command line
+    assert _files(data) == before
+    written = nib.load(out / "case_seg.nii.gz")
+    assert written.get_data_dtype() == np.uint8 and written.shape == label.shape
 
 
 def test_the_inference_log_names_the_files_written_not_their_temporaries(tmp_path, capsys):

@@ -202,9 +202,11 @@ def test_override_trains_an_epoch_and_infers_in_the_inputs_geometry(tmp_path):
                       "--train#slices_per_volume", "2", "--network_def#num_inference_steps", "2",
                       tiny=False)  # fmt: skip
     weights = tmp_path / "models" / "medsegdiff" / "model.pt"
-    assert proc.stdout.splitlines()[-4:] == [  # the run's last words: where its outputs went
+    assert proc.stdout.splitlines()[-5:] == [  # the run's last words: where its outputs went, and on what data
         "outputs:", f"  weights: {weights}", f"  training log: {tmp_path / 'eval' / 'medsegdiff' / 'training_log.csv'}",
-        f"  tensorboard: {tmp_path / 'eval' / 'medsegdiff'}"]  # fmt: skip
+        f"  tensorboard: {tmp_path / 'eval' / 'medsegdiff'}",
+        f"(from the embedded synthetic phantoms in {tmp_path}/data/synthetic, not your data: "
+        "pass --dataset_dir)"]  # fmt: skip
     assert weights.is_file() and not (tmp_path / "models" / "model.pt").exists()  # its own folder
     net = MedSegDiff(2, 1, 4, spatial_size=64, aux_head=True)  # the config's: with the auxiliary head
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))

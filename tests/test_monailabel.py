@@ -217,6 +217,19 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "app": app, "bundle": bundle, "overrides": overrides, "studies": studies, "truth": truth}
 
 
+@pytest.fixture(scope="module")
+def server(monailabel_venv, workspace):
+    """One ``monailabel start_server`` for the module's tests, stopped at the end whatever happened."""
+    ws = workspace
+    running = Server(ws["app"], ws["studies"], ws["bundle"], ws["overrides"], ws["root"] / "server.log")
+    try:
+        running.info = running.wait_ready(START_TIMEOUT)
+        yield running
+    finally:
+        running.stop()
+    assert running.proc.poll() is not None, "the server outlived stop()"
+
+
 def _reference_segmentation(ws: dict[str, Path], name: str) -> np.ndarray:
     """The bundle's own inference (``monai.bundle run inference``, this venv) on the same weights."""
     data = ws["root"] / "reference_in" / "test"
@@ -240,7 +253,43 @@ def _infer(server: Server, name: str, dst: Path) -> nib.Nifti1Image:
 # ----------------------------------------------------------------------------------------- test
 
 
-def test_monailabel_serves_infers_and_trains_the_bundle(monailabel_venv, workspace):
+# what MONAI Label's BundleTrainTask copies from a training request into the bundle's config
+FORWARDED = (
+    "max_epochs", "val_split", "pretrained", "multi_gpu", "force_multi_gpu", "run_id", "gpus", "device",
+    "tracking", "tracking_uri", "tracking_experiment_name", "tracking_run_name", "model_filename",
+)  # fmt: skip
+JSON = {"Content-Type": "application/json"}
+
+
+def test_no_request_runs_code_through_the_bundle(server, workspace):
+    """A ``$`` payload in each field MONAI Label forwards, on every route that reaches the bundle, is
+    answered 422 naming the field, and nothing runs: the file the payload would create never appears."""
+    marker = workspace["root"] / "payload_ran"
+    payload = f"$__import__('pathlib').Path({str(marker)!r}).touch()"
+    base = {"max_epochs": 1, "val_split": 0.5, "device": "cpu", "multi_gpu": False}
+    for field in (*FORWARDED, "tracking_uri_as_list"):
+        params = {**base, field: payload} if field != "tracking_uri_as_list" else {**base, "tracking_uri": [payload]}
+        status, content = _request("POST", f"{server.url}/train/{MODEL}", json.dumps(params).encode(), JSON)
+        assert status == 422 and field.removesuffix("_as_list").encode() in content, (field, status, content[:500])
+    # the route that trains every model, and batch inference: both run in a background process
+    status, content = _request("POST", f"{server.url}/train/", json.dumps({MODEL: {"run_id": payload}}).encode(), JSON)
+    assert status == 422, (status, content[:500])
+    status, content = _request(
+        "POST", f"{server.url}/batch/infer/{MODEL}", json.dumps({"device": payload}).encode(), JSON
+    )
+    assert status == 422, (status, content[:500])
+    # inference, its params a form field
+    for params in ({"device": payload}, {"model_filename": "../../x.pt"}, {"anything": {"_target_": "os.system"}}):
+        body, headers = _multipart({"params": json.dumps(params)}, {})
+        status, content = _request("POST", f"{server.url}/infer/{MODEL}?image=case_a&output=image", body, headers)
+        assert status == 422, (params, status, content[:500])
+    time.sleep(5)  # a background task started by any of them would have run its first lines by now
+    status, content = _request("GET", f"{server.url}/train/")
+    assert status == 404, f"a training task was started: {content[:500]!r}"  # "No Train Tasks Found"
+    assert not marker.exists(), f"a request ran code:\n{server.log_tail()}"
+
+
+def test_monailabel_serves_infers_and_trains_the_bundle(server, workspace):
     ws = workspace
     classes = _class_names()
     source = nib.load(ws["studies"] / "case_a.nii.gz")
@@ -248,85 +297,80 @@ def test_monailabel_serves_infers_and_trains_the_bundle(monailabel_venv, workspa
     weights_before = hashlib.sha256(model_pt.read_bytes()).hexdigest()
     reference = _reference_segmentation(ws, "case_a")
 
-    server = Server(ws["app"], ws["studies"], ws["bundle"], ws["overrides"], ws["root"] / "server.log")
-    try:
-        # /info/: the model, its labels from metadata.json's channel_def, and its trainer
-        info = server.wait_ready(START_TIMEOUT)
-        print(f"/info/ labels: {info['labels']}; model: {json.dumps(info['models'][MODEL], default=str)}")
-        assert MODEL in info["models"], info
-        model_info = info["models"][MODEL]
-        assert model_info["type"] == "segmentation"
-        assert model_info["labels"] == {v: k for k, v in classes.items() if k != 0}
-        assert set(info["labels"]) == {v for k, v in classes.items() if k != 0}
-        assert model_info["dimension"] == 3
-        assert MODEL in info["trainers"], info
+    # /info/: the model, its labels from metadata.json's channel_def, and its trainer
+    info = server.info
+    print(f"/info/ labels: {info['labels']}; model: {json.dumps(info['models'][MODEL], default=str)}")
+    assert MODEL in info["models"], info
+    model_info = info["models"][MODEL]
+    assert model_info["type"] == "segmentation"
+    assert model_info["labels"] == {v: k for k, v in classes.items() if k != 0}
+    assert set(info["labels"]) == {v for k, v in classes.items() if k != 0}
+    assert model_info["dimension"] == 3
+    assert MODEL in info["trainers"], info
 
-        # the datastore sees both volumes, none labelled yet
-        status, body = _request("GET", f"{server.url}/datastore/?output=all")
-        assert status == 200
-        assert set(json.loads(body)["objects"]) == {"case_a", "case_b"}
+    # the datastore sees both volumes, none labelled yet
+    status, body = _request("GET", f"{server.url}/datastore/?output=all")
+    assert status == 200
+    assert set(json.loads(body)["objects"]) == {"case_a", "case_b"}
 
-        # POST /infer: a segmentation in the input's grid, ACDC label values, same as the bundle's own
-        seg_img = _infer(server, "case_a", ws["root"] / "case_a_infer.nii.gz")
-        seg = np.asarray(seg_img.dataobj)
-        print(f"infer: shape {seg.shape} dtype {seg.dtype} labels {np.unique(seg).tolist()}")
-        print(f"infer: affine equal to the input's: {np.allclose(seg_img.affine, source.affine, atol=1e-5)}")
-        assert seg.shape == source.shape == SHAPE
-        np.testing.assert_allclose(seg_img.affine, source.affine, atol=1e-5)
-        assert seg.dtype == np.uint8, seg.dtype  # the app writes label maps as the bundle does
-        values = set(np.unique(seg).astype(int).tolist())
-        assert values <= set(classes), values
-        assert len(values) >= 2, f"an all-{values} segmentation says nothing about the round trip"
-        agreement = float((seg.astype(int) == reference.astype(int)).mean())
-        print(f"infer: agreement with `monai.bundle run inference`: {agreement:.5f}")
-        assert agreement >= 0.99, agreement
+    # POST /infer: a segmentation in the input's grid, ACDC label values, same as the bundle's own
+    seg_img = _infer(server, "case_a", ws["root"] / "case_a_infer.nii.gz")
+    seg = np.asarray(seg_img.dataobj)
+    print(f"infer: shape {seg.shape} dtype {seg.dtype} labels {np.unique(seg).tolist()}")
+    print(f"infer: affine equal to the input's: {np.allclose(seg_img.affine, source.affine, atol=1e-5)}")
+    assert seg.shape == source.shape == SHAPE
+    np.testing.assert_allclose(seg_img.affine, source.affine, atol=1e-5)
+    assert seg.dtype == np.uint8, seg.dtype  # the app writes label maps as the bundle does
+    values = set(np.unique(seg).astype(int).tolist())
+    assert values <= set(classes), values
+    assert len(values) >= 2, f"an all-{values} segmentation says nothing about the round trip"
+    agreement = float((seg.astype(int) == reference.astype(int)).mean())
+    print(f"infer: agreement with `monai.bundle run inference`: {agreement:.5f}")
+    assert agreement >= 0.99, agreement
 
-        # an annotator submits both volumes' final labels
-        for name in ("case_a", "case_b"):
-            body, headers = _multipart({"params": "{}"}, {"label": ws["truth"] / f"{name}.nii.gz"})
-            status, content = _request("PUT", f"{server.url}/datastore/label?image={name}&tag=final", body, headers)
-            assert status == 200, f"save label {name}: {status} {content[:1000]!r}"
-        labels_dir = ws["studies"] / "labels" / "final"
-        assert sorted(p.name for p in labels_dir.glob("*.nii.gz")) == ["case_a.nii.gz", "case_b.nii.gz"]
+    # an annotator submits both volumes' final labels
+    for name in ("case_a", "case_b"):
+        body, headers = _multipart({"params": "{}"}, {"label": ws["truth"] / f"{name}.nii.gz"})
+        status, content = _request("PUT", f"{server.url}/datastore/label?image={name}&tag=final", body, headers)
+        assert status == 200, f"save label {name}: {status} {content[:1000]!r}"
+    labels_dir = ws["studies"] / "labels" / "final"
+    assert sorted(p.name for p in labels_dir.glob("*.nii.gz")) == ["case_a.nii.gz", "case_b.nii.gz"]
 
-        # POST /train: one epoch as MONAI Label runs it (a background process), polled to its end
-        params = {"max_epochs": 1, "val_split": 0.5, "device": "cpu", "multi_gpu": False, "pretrained": True}
-        body = json.dumps(params).encode()
-        status, content = _request(
-            "POST", f"{server.url}/train/{MODEL}", body, {"Content-Type": "application/json"}, timeout=60
-        )
-        assert status == 200, f"/train/{MODEL}: {status} {content[:2000]!r}"
-        started = time.monotonic()
-        task: dict = {}
-        while time.monotonic() - started < TRAIN_TIMEOUT:
-            status, content = _request("GET", f"{server.url}/train/", timeout=30)
-            assert status == 200, (status, content[:1000])
-            task = json.loads(content)
-            if task.get("status") not in ("SUBMITTED", "RUNNING", "QUEUED"):
-                break
-            time.sleep(3)
-        train_s = time.monotonic() - started
-        details = "\n".join(map(str, task.get("details", [])))[-6000:]
-        print(f"train: status {task.get('status')} after {train_s:.0f} s; result {task.get('result')}")
-        assert task.get("status") == "DONE", f"train task: {task.get('status')}\n{details}\n{server.log_tail()}"
-        assert "Training Finished" in details or "Training Finished" in server.log_tail(200000), details
-        log_csv = ws["bundle"] / "eval" / "training_log.csv"
-        assert log_csv.exists(), f"no training log:\n{details}"
-        rows = log_csv.read_text().strip().splitlines()
-        print(f"train: training_log.csv {rows}")
-        assert len(rows) == 2, rows  # header + the one epoch
-        # the best weights replaced models/model.pt, where inference loads them; the old ones were kept
-        assert hashlib.sha256(model_pt.read_bytes()).hexdigest() != weights_before
-        kept = list((ws["bundle"] / "models").glob("model_before_*.pt"))
-        assert len(kept) == 1 and hashlib.sha256(kept[0].read_bytes()).hexdigest() == weights_before
+    # POST /train: one epoch as MONAI Label runs it (a background process), polled to its end
+    params = {"max_epochs": 1, "val_split": 0.5, "device": "cpu", "multi_gpu": False, "pretrained": True}
+    body = json.dumps(params).encode()
+    status, content = _request(
+        "POST", f"{server.url}/train/{MODEL}", body, {"Content-Type": "application/json"}, timeout=60
+    )
+    assert status == 200, f"/train/{MODEL}: {status} {content[:2000]!r}"
+    started = time.monotonic()
+    task: dict = {}
+    while time.monotonic() - started < TRAIN_TIMEOUT:
+        status, content = _request("GET", f"{server.url}/train/", timeout=30)
+        assert status == 200, (status, content[:1000])
+        task = json.loads(content)
+        if task.get("status") not in ("SUBMITTED", "RUNNING", "QUEUED"):
+            break
+        time.sleep(3)
+    train_s = time.monotonic() - started
+    details = "\n".join(map(str, task.get("details", [])))[-6000:]
+    print(f"train: status {task.get('status')} after {train_s:.0f} s; result {task.get('result')}")
+    assert task.get("status") == "DONE", f"train task: {task.get('status')}\n{details}\n{server.log_tail()}"
+    assert "Training Finished" in details or "Training Finished" in server.log_tail(200000), details
+    log_csv = ws["bundle"] / "eval" / "training_log.csv"
+    assert log_csv.exists(), f"no training log:\n{details}"
+    rows = log_csv.read_text().strip().splitlines()
+    print(f"train: training_log.csv {rows}")
+    assert len(rows) == 2, rows  # header + the one epoch
+    # the best weights replaced models/model.pt, where inference loads them; the old ones were kept
+    assert hashlib.sha256(model_pt.read_bytes()).hexdigest() != weights_before
+    kept = list((ws["bundle"] / "models").glob("model_before_*.pt"))
+    assert len(kept) == 1 and hashlib.sha256(kept[0].read_bytes()).hexdigest() == weights_before
 
-        # inference picks up the new weights, still in the input's grid
-        seg2_img = _infer(server, "case_b", ws["root"] / "case_b_infer.nii.gz")
-        seg2 = np.asarray(seg2_img.dataobj)
-        assert seg2.shape == SHAPE
-        np.testing.assert_allclose(seg2_img.affine, nib.load(ws["studies"] / "case_b.nii.gz").affine, atol=1e-5)
-        assert set(np.unique(seg2).astype(int).tolist()) <= set(classes)
-        assert "Reload model from cache" in server.log_tail(200000), "inference did not reload the new weights"
-    finally:
-        server.stop()
-    assert server.proc.poll() is not None, "the server outlived stop()"
+    # inference picks up the new weights, still in the input's grid
+    seg2_img = _infer(server, "case_b", ws["root"] / "case_b_infer.nii.gz")
+    seg2 = np.asarray(seg2_img.dataobj)
+    assert seg2.shape == SHAPE
+    np.testing.assert_allclose(seg2_img.affine, nib.load(ws["studies"] / "case_b.nii.gz").affine, atol=1e-5)
+    assert set(np.unique(seg2).astype(int).tolist()) <= set(classes)
+    assert "Reload model from cache" in server.log_tail(200000), "inference did not reload the new weights"

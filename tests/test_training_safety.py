@@ -201,7 +201,7 @@ def test_a_second_training_into_a_held_ckpt_dir_is_refused_naming_the_lock_and_i
         assert holder.poll() is None, "the first run did not outlive the second"
         assert proc.returncode != 0, "the second run trained into a folder another run holds"
         assert _last_line(proc.stderr) == (
-            f"CkptDirInUseError: ckpt_dir {models} is in use by another training run (pid {holder.pid} on "
+            f"CkptDirInUseError: ckpt_dir {models} is in use by another run (pid {holder.pid} on "
             f"{os.uname().nodename}), which holds the lock {lock}. "
             "Wait for it to end, or give this run another --ckpt_dir."
         )
@@ -331,7 +331,7 @@ def test_a_ckpt_dir_that_is_a_file_is_named_before_training(tmp_path, small_data
     raised = _initialize(["train"], tmp_path, dataset_dir=str(small_data))
     models = tmp_path / "models"
     assert _user_message(raised) == (
-        f"CheckpointError: ckpt_dir {models} cannot hold checkpoints: {models} is a file, not a folder. "
+        f"CheckpointError: ckpt_dir {models} cannot be written: {models} is a file, not a folder. "
         "Give --ckpt_dir a folder (it is created if missing)."
     )
 

@@ -16,6 +16,7 @@ _EXPORTS = {
     "SliceAxisLast": "orientation",
     "SliceAxisLastd": "orientation",
     "slice_axis": "orientation",
+    "ambiguous_slice_axis": "orientation",
     "load_datalist": "datalist",
     "pair_folder": "datalist",
     "PHANTOM_CLASSES": "phantoms",

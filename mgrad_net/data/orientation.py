@@ -8,7 +8,10 @@ segmentation was wrong with exit code 0. Here the plane comes from the voxel gri
 - the slice axis is the stored last axis, unless another axis's voxel spacing (the length of
   its affine column) is more than ``min_ratio`` times coarser: then that axis, the coarsest;
 - an axis one voxel long is always the slice axis (a single-slice volume);
-- the slice axis is moved last, the other two keep their stored order, nothing is flipped.
+- the slice axis is moved last, the other two keep their stored order, nothing is flipped;
+- a config's ``slice_axis`` names the axis instead, for volumes whose grid cannot tell it (no
+  spacing recorded and the slices stored first): :func:`ambiguous_slice_axis` finds those, and
+  the data checks refuse them until it is given.
 
 The affine's directions play no part: the same voxels under an axial, sagittal, oblique or LPS
 affine give the network the same slices, and so the same segmentation. For volumes stored with
@@ -28,7 +31,7 @@ from monai.transforms import InvertibleTransform, MapTransform
 from monai.transforms.spatial.functional import orientation
 from monai.utils import TraceKeys, TransformBackends, convert_data_type
 
-__all__ = ["slice_axis", "SliceAxisLast", "SliceAxisLastd"]
+__all__ = ["slice_axis", "ambiguous_slice_axis", "SliceAxisLast", "SliceAxisLastd"]
 
 
 def slice_axis(affine: np.ndarray | torch.Tensor, spatial_shape: Sequence[int], min_ratio: float = 1.5) -> int:
@@ -50,13 +53,32 @@ def slice_axis(affine: np.ndarray | torch.Tensor, spatial_shape: Sequence[int], 
     return coarsest if spacing[coarsest] > min_ratio * spacing[ndim - 1] else ndim - 1
 
 
+def ambiguous_slice_axis(
+    affine: np.ndarray | torch.Tensor, spatial_shape: Sequence[int], min_ratio: float = 1.5
+) -> int | None:
+    """The axis a volume's slices more likely run along where :func:`slice_axis` can only guess, or
+    ``None``: the spacing does not tell the axes apart (no axis ``min_ratio`` times coarser than
+    another; an identity affine: the spacing was dropped, as in the SSL4MIS h5 order Z×H×W), yet
+    the stored last axis is not the short one: another is at most half as long. A cardiac stack has
+    far fewer slices than pixels across a slice."""
+    ndim = len(spatial_shape)
+    if any(int(size) == 1 for size in spatial_shape):
+        return None
+    spacing = np.linalg.norm(convert_data_type(affine, np.ndarray)[0].astype(np.float64)[:ndim, :ndim], axis=0)
+    if spacing.max() > min_ratio * spacing.min():  # the spacing tells the axes apart: slice_axis's rule holds
+        return None
+    shortest = min(range(ndim), key=lambda i: (int(spatial_shape[i]), i))
+    return shortest if 2 * int(spatial_shape[shortest]) <= int(spatial_shape[-1]) else None
+
+
 def _ornt(order: Sequence[int]) -> np.ndarray:
     """nibabel's orientation array of a pure permutation: input axis ``order[k]`` becomes axis ``k``."""
     return np.array([[list(order).index(axis), 1] for axis in range(len(order))], dtype=np.float64)
 
 
 class SliceAxisLast(InvertibleTransform):
-    """Move a channel-first volume's slice axis (:func:`slice_axis`) last, updating its affine.
+    """Move a channel-first volume's slice axis (:func:`slice_axis`, or ``axis`` where given: a spatial
+    axis index) last, updating its affine.
 
     A pure permutation of the stored axes, recorded for :meth:`inverse`; a volume already sliced
     along its last axis is returned unchanged (the transform is still recorded).
@@ -64,13 +86,19 @@ class SliceAxisLast(InvertibleTransform):
 
     backend = [TransformBackends.TORCH]
 
-    def __init__(self, min_ratio: float = 1.5) -> None:
+    def __init__(self, min_ratio: float = 1.5, axis: int | None = None) -> None:
         if min_ratio < 1:
             raise ValueError(f"min_ratio must be at least 1, got {min_ratio}.")
         self.min_ratio = min_ratio
+        self.axis = None if axis is None or axis == "" else int(axis)
 
     def _order(self, affine: np.ndarray, spatial_shape: Sequence[int]) -> list[int]:
-        axis = slice_axis(affine, spatial_shape, self.min_ratio)
+        if self.axis is not None and not -len(spatial_shape) <= self.axis < len(spatial_shape):
+            raise ValueError(f"slice_axis {self.axis} is not an axis of a {len(spatial_shape)}D volume.")
+        if self.axis is not None:
+            axis = self.axis % len(spatial_shape)
+        else:
+            axis = slice_axis(affine, spatial_shape, self.min_ratio)
         return [a for a in range(len(spatial_shape)) if a != axis] + [axis]
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
@@ -101,9 +129,11 @@ class SliceAxisLastd(MapTransform, InvertibleTransform):
 
     backend = SliceAxisLast.backend
 
-    def __init__(self, keys: KeysCollection, min_ratio: float = 1.5, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, min_ratio: float = 1.5, axis: int | None = None, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.slicer = SliceAxisLast(min_ratio)
+        self.slicer = SliceAxisLast(min_ratio, axis)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

@@ -75,6 +75,21 @@ def planned_outputs(
     return [Path(os.path.abspath(layout.filename(subject=str(item[key])))) for item in items]
 
 
+def _read_as_label(target: Path) -> Path | None:
+    """The image ``target`` would be paired with as its label (``X_seg.nii.gz`` beside ``X.nii.gz``,
+    :func:`mgrad_net.data.datalist.pair_folder`'s rule), if that image exists."""
+    from mgrad_net.data.datalist import LABEL_SUFFIXES
+
+    name = target.name[: -len(_EXT)] if target.name.endswith(_EXT) else target.stem
+    for suffix in LABEL_SUFFIXES:
+        if name.endswith(suffix):
+            for ext in (".nii.gz", ".nii"):
+                image = target.with_name(name[: -len(suffix)] + ext)
+                if image.is_file():
+                    return image
+    return None
+
+
 def check_no_overwrite(
     items: Sequence[dict],
     output_dir: str | os.PathLike,
@@ -94,7 +109,8 @@ def check_no_overwrite(
 
     Raises:
         OverwriteRefusedError: listing, one line each, every output that two inputs share, that is an
-            input, that lies outside ``output_dir``, or (without ``overwrite``) that exists already.
+            input, that lies outside ``output_dir``, that would be read as an image's label (beside
+            it, named with a label suffix), or (without ``overwrite``) that exists already.
     """
     out = Path(output_dir).expanduser().resolve()
     outputs = planned_outputs(items, output_dir, postfix, data_root_dir, key)
@@ -111,6 +127,11 @@ def check_no_overwrite(
             problems.append(f"{target}: the output of {source} lies outside output_dir {str(out)!r}")
         elif resolved in inputs:
             problems.append(f"{target}: would overwrite its own input (the output of {source})")
+        elif _read_as_label(target):
+            problems.append(
+                f"{target}: would lie beside {_read_as_label(target)} named as its label, so evaluation and "
+                f"training there would read the prediction as ground truth (the output of {source})"
+            )
         elif os.path.lexists(target):
             existing.append(f"{target}: exists (the output of {source} would replace it)")
     if existing and not overwrite:

@@ -99,6 +99,7 @@ def validate_datalist(
     require_labels: bool = True,
     affine_atol: float = 1e-3,
     intensity_transform: Any = None,
+    slice_axis: int | None = None,
 ) -> int:
     """Check every item; raise :class:`DataValidationError` listing all problems, or return the count.
 
@@ -109,7 +110,12 @@ def validate_datalist(
         affine_atol: largest difference allowed between the image's and the label's affines.
         intensity_transform: the preset's intensity transform; with the MRI preset's percentile
             scaling, an image that looks like CT in Hounsfield units is named in a warning.
+        slice_axis: the config's ``slice_axis``; while it is not given, an image whose slice axis
+            the grid cannot tell (:func:`mgrad_net.data.orientation.ambiguous_slice_axis`) is a
+            problem naming the override.
     """
+    from mgrad_net.data.orientation import ambiguous_slice_axis  # MONAI: not for the light converters
+
     problems: list[str] = []
     mri = _expects_mri(intensity_transform)
     for item in items:
@@ -122,6 +128,16 @@ def validate_datalist(
         if image is not None and np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
             bad = int((~np.isfinite(image)).sum())
             problems.append(f"{image_path}: image has {bad} NaN or infinite voxel(s)")
+        if image is not None and slice_axis in (None, ""):
+            likely = ambiguous_slice_axis(loaded[0].affine, image.shape)
+            if likely is not None:
+                spacing = [round(float(v), 3) for v in np.linalg.norm(loaded[0].affine[:3, :3], axis=0)]
+                problems.append(
+                    f"{image_path}: cannot tell its slice axis: its voxel spacing is {spacing} (no axis coarser than "
+                    f"the others: was the spacing dropped?) and its last axis ({image.shape[-1]} voxels) is not its "
+                    f"short one (axis {likely}: {image.shape[likely]}); pass --slice_axis {likely} if its slices run "
+                    f"along axis {likely}, or --slice_axis 2 to slice along the last axis"
+                )
         reason = hounsfield_reason(image) if mri and image is not None else None
         if reason:
             logging.getLogger("mgrad_net").warning(

@@ -3,7 +3,7 @@
 - :mod:`.evaluation`: :class:`SegmentationReport` (per-case × per-class metrics and their summary)
   and :class:`OptimizeForInference` (the evaluator's network in its inference form);
 - :mod:`.training`: :class:`StopOnNonFiniteLoss`, :class:`TrainingLog` (with
-  :func:`read_training_log`) and :class:`BestMetricRecord`;
+  :func:`read_training_log`), :class:`BestMetricRecord` and :class:`WeightsWithoutValidation`;
 - :mod:`.utils`: what they share (a batch's source files, which process writes).
 """
 
@@ -13,6 +13,7 @@ from mgrad_net.handlers.training import (
     BestMetricRecord,
     StopOnNonFiniteLoss,
     TrainingLog,
+    WeightsWithoutValidation,
     read_training_log,
 )
 
@@ -24,4 +25,5 @@ __all__ = [
     "TrainingLog",
     "read_training_log",
     "BestMetricRecord",
+    "WeightsWithoutValidation",
 ]

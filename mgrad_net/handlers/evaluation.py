@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +20,16 @@ from mgrad_net.io import atomic_write_json, atomic_write_text
 from mgrad_net.metrics import case_affines, distance_unit
 
 __all__ = ["SegmentationReport", "OptimizeForInference"]
+
+
+def _case_names(files: Sequence[str]) -> list[str]:
+    """Each case's name in the report: its file name, or, where two cases share one (``site1/a.nii.gz``
+    and ``site2/a.nii.gz``), every case's path below the folder they all share, so no two rows are one case."""
+    names = [Path(f).name for f in files]
+    if len(set(names)) == len(names) or "?" in files:
+        return names
+    root = os.path.commonpath([os.path.abspath(f) for f in files])
+    return [os.path.relpath(os.path.abspath(f), root) for f in files]
 
 
 class SegmentationReport:
@@ -77,7 +88,7 @@ class SegmentationReport:
     def _collect_names(self, engine: Engine) -> None:
         batch = engine.state.batch
         files = case_files(batch, self.image_key)
-        self._cases.extend(Path(f).name for f in files)
+        self._cases.extend(files)
         units = []
         for item in batch if isinstance(batch, list) else [batch]:
             label = item.get(self.label_key) if isinstance(item, dict) else None
@@ -87,7 +98,7 @@ class SegmentationReport:
         self._units.extend(units if len(units) == len(files) else [distance_unit(None)] * len(files))
 
     def _write(self, engine: Engine) -> None:
-        cases = string_list_all_gather(self._cases)  # every rank takes part in the gather
+        cases = _case_names(string_list_all_gather(self._cases))  # every rank takes part in the gather
         units = string_list_all_gather(self._units)
         if not is_main_process():
             return

@@ -15,10 +15,18 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointSaver
 
+from mgrad_net.errors import NonFiniteLossError
 from mgrad_net.handlers.utils import case_files, finite_mean, is_main_process
 from mgrad_net.io import atomic_path, atomic_write_text
 
-__all__ = ["StopOnNonFiniteLoss", "TRAINING_LOG_FIELDS", "read_training_log", "TrainingLog", "BestMetricRecord"]
+__all__ = [
+    "StopOnNonFiniteLoss",
+    "TRAINING_LOG_FIELDS",
+    "read_training_log",
+    "TrainingLog",
+    "BestMetricRecord",
+    "WeightsWithoutValidation",
+]
 
 
 class StopOnNonFiniteLoss:
@@ -73,7 +81,7 @@ class StopOnNonFiniteLoss:
         with atomic_path(self.save_dir / "last_good.pt") as tmp:
             torch.save(state, tmp)
         files = case_files(engine.state.batch, self.image_key)
-        raise FloatingPointError(
+        raise NonFiniteLossError(
             f"non-finite loss ({float(loss.float().mean())}) at iteration {engine.state.iteration}, "
             f"feedback pass {self._pass}, epoch {engine.state.epoch}; batch files: {', '.join(files)}. "
             f"Training stopped before this step; the last good state is in {self.save_dir / 'last_good.pt'}."
@@ -206,7 +214,9 @@ class BestMetricRecord:
     ``CheckpointSaver`` which score its ``model.pt`` holds, so a resumed run neither forgets its
     best epoch nor replaces the best weights with a worse first validation. The record is that
     file's: if the file is gone when the run resumes, nothing is restored (with a warning), and
-    the next validation writes it.
+    the next validation writes it. Saved in ``model.pt``'s records as well (``best``, with an
+    :class:`~mgrad_net.checkpoints.AtomicCheckpointSaver`): weights written after the resumed
+    checkpoint (a kill between an epoch's two saves) keep their better record.
 
     Args:
         evaluator: the engine that validates and keeps ``state.best_metric``.
@@ -218,6 +228,11 @@ class BestMetricRecord:
         self.evaluator = evaluator
         self.saver = saver
         self.filename = filename
+        self.resumed_from: Path | None = None  # the checkpoint a resumed run loads, set by run_training
+        if isinstance(
+            getattr(saver, "records", None), dict
+        ):  # saved with the best weights: the score they were kept for
+            saver.records.setdefault("best", self)
 
     def state_dict(self) -> dict[str, float | int]:
         return {
@@ -225,11 +240,33 @@ class BestMetricRecord:
             "best_metric_epoch": int(self.evaluator.state.best_metric_epoch),
         }
 
+    def _own_record(self, weights: Path) -> tuple[float, int] | None:
+        """The record ``weights`` was saved with (``model.pt`` holds it as ``best``), if that file
+        was written after the checkpoint the run resumes from: a kill between the two saves of an
+        epoch (best weights, then the epoch's checkpoint) leaves weights newer than the record."""
+        if self.resumed_from is None or not self.resumed_from.is_file():
+            return None
+        if weights.stat().st_mtime_ns < self.resumed_from.stat().st_mtime_ns:
+            return None  # older than the checkpoint: its record is the checkpoint's (or an earlier run's)
+        from mgrad_net.checkpoints.saving import read_records
+
+        try:
+            own = read_records(weights)["best"]
+            return float(own["best_metric"]), int(own["best_metric_epoch"])
+        except Exception:  # weights saved without a record (before 0.10), or not a dict
+            return None
+
     def load_state_dict(self, state_dict: dict) -> None:
         best, epoch = float(state_dict["best_metric"]), int(state_dict["best_metric_epoch"])
+        weights = Path(self.saver.save_dir) / self.filename
+        own = self._own_record(weights) if weights.is_file() else None
+        if own is not None and own[1] > epoch and own[0] > best:
+            logging.getLogger("mgrad_net").warning(
+                "%s (validation %.4f, epoch %d) was saved after the checkpoint the run resumes from (%.4f, epoch %d): "
+                "it stays the best record", weights, own[0], own[1], best, epoch)  # fmt: skip
+            best, epoch = own
         if epoch == -1:
             return  # saved before any validation: nothing to restore
-        weights = Path(self.saver.save_dir) / self.filename
         if not weights.is_file():
             # the saver would delete the file before writing a better one, and fail
             logging.getLogger("mgrad_net").warning(
@@ -239,3 +276,44 @@ class BestMetricRecord:
         self.evaluator.state.best_metric, self.evaluator.state.best_metric_epoch = best, epoch
         # the format of ignite's Checkpoint.state_dict(): its list of (score, file) pairs
         self.saver.load_state_dict({"_saved": [(best, self.filename)]})
+
+
+class WeightsWithoutValidation:
+    """Where a run has no validation cases (MONAI Label's ``val_split 0``, a datalist without a
+    validation section), no epoch is ever the best and the best-weights saver never writes: then
+    each epoch's weights are saved as its file instead (atomically, with the same entries), and
+    the run says so as it starts. With validation cases it does nothing.
+
+    Args:
+        validator: the evaluator whose data loader is checked.
+        saver: the best-weights ``CheckpointSaver`` (its folder and ``save_dict``).
+        filename: the saver's ``key_metric_filename``.
+    """
+
+    def __init__(self, validator: Engine, saver: CheckpointSaver, filename: str = "model.pt") -> None:
+        self.validator = validator
+        self.saver = saver
+        self.path = Path(saver.save_dir) / filename
+        self._unvalidated = False
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._check)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
+
+    def _check(self, engine: Engine) -> None:
+        loader = getattr(self.validator, "data_loader", None)
+        self._unvalidated = loader is not None and len(loader) == 0
+        if self._unvalidated and is_main_process():
+            logging.getLogger("mgrad_net").warning(
+                "no validation cases: %s will hold the last epoch's weights, not the best epoch's", self.path
+            )
+
+    def _save(self, engine: Engine) -> None:
+        if not self._unvalidated or not is_main_process():
+            return
+        if hasattr(self.saver, "save_now"):
+            self.saver.save_now(self.path)
+            return
+        state = {name: getattr(obj, "module", obj).state_dict() for name, obj in self.saver.save_dict.items()}
+        with atomic_path(self.path, fsync=True) as tmp:
+            torch.save(next(iter(state.values())) if len(state) == 1 else state, tmp)
