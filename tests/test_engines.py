@@ -249,6 +249,14 @@ def test_a_slow_first_epoch_does_not_shorten_the_budgeted_run():
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_an_epoch_slowed_by_other_work_does_not_set_the_pace():
+    # 20 s of 1-second epochs, the third slowed to 10 s (a test run beside it): the pace stays 1 s an epoch
+    trainer, scheduler, budget, _ = _budgeted_run(20 / 60, lambda epoch: 10.0 if epoch == 3 else 1.0, epochs=30)
+    assert trainer.state.epoch == trainer.state.max_epochs == 11 == scheduler.total_iters
+    assert budget.spent == pytest.approx(20.0)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_training_budget_stops_after_the_epoch_that_spends_it_when_epochs_slow_down():
     trainer, _, budget, _ = _budgeted_run(3.5 / 60, lambda epoch: 1.0 if epoch == 1 else 3.0)
     assert trainer.state.epoch == 2 and budget.spent == pytest.approx(4.0)

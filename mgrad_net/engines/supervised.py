@@ -171,9 +171,10 @@ class TrainingBudget:
     and the learning-rate schedule following the clock (the comparison protocol's budget).
 
     After every epoch the epochs that fit are estimated again: the epochs done, plus the time
-    left divided by the mean time of this process's epochs since its first (the first alone
-    while it is the only one: it carries the warm-up, so a slow first epoch no longer shortens
-    the run). The trainer's ``max_epochs`` becomes that estimate (never more than the command's
+    left divided by the median time of this process's last five epochs, its first left out once
+    there are others (it carries the warm-up, so a slow first epoch no longer shortens the run;
+    and a few epochs slowed by other work on the machine do not set the pace for the rest). The
+    trainer's ``max_epochs`` becomes that estimate (never more than the command's
     ``max_epochs``), and so does the ``total_iters`` of ``lr_scheduler`` when it has one; a
     ``PolynomialLR`` is re-anchored to its closed form, so the rate is always
     ``base * (1 - epoch / estimate) ** power`` and reaches its end with the budget. Should the
@@ -245,8 +246,10 @@ class TrainingBudget:
                 log.info("training budget %.1f min spent after epoch %d: stopping", self.seconds / 60, epoch)
                 engine.terminate()
             return
-        later = self._times[1:] or self._times
-        per_epoch = max(sum(later) / len(later), 1e-9)
+        later = sorted((self._times[1:] or self._times)[-5:])
+        per_epoch = max(
+            later[(len(later) - 1) // 2], 1e-9
+        )  # the (lower) median of the last five: a passing slowdown is not the pace
         fit = epoch + round((self.seconds - self.spent) / per_epoch)
         total = min(self._cap if self._cap is not None else engine.state.max_epochs, fit)
         if total != engine.state.max_epochs:
