@@ -119,8 +119,8 @@ def start_checkpoint(
     with ``resume`` the newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` that loads
     (:func:`mgrad_net.checkpoints.resume_checkpoint`), with ``finetune`` the ``weights``
     (:func:`mgrad_net.checkpoints.check_weights`; another class set passes, its output layers then
-    start fresh), else ``None``: from scratch. A new run (not
-    ``resume``) is refused where an unfinished run's checkpoint is (:func:`mgrad_net.checkpoints.earlier_run`).
+    start fresh), else ``None``: from scratch. A new run (not ``resume``) is refused where an
+    unfinished run's checkpoint is (:func:`mgrad_net.checkpoints.earlier_run`).
 
     Raises:
         CheckpointError: in one line, naming the file: missing, empty, truncated, or of another

@@ -1,4 +1,4 @@
-"""What a checkpoint holds and where it came from: the record saved beside the best weights."""
+"""What a checkpoint holds and where it came from: the record saved with the best weights."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def _describe_transform(transform: Any) -> dict[str, Any] | None:
 
 
 class RunRecord:
-    """What a checkpoint holds and where it came from, saved beside its weights (``record``):
+    """What a checkpoint holds and where it came from, saved in the best weights' metadata
+    (``AtomicCheckpointSaver(records={"record": ...})``; :func:`~mgrad_net.checkpoints.read_records` reads it):
     the network's class and the arguments it was built with, the ``roi_size`` and class names it
     was trained at, the command and the commit that trained it. Plain data only, read back with
     ``weights_only`` and never handed to a config parser as an expression.
