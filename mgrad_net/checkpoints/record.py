@@ -7,11 +7,9 @@ from typing import Any, Mapping
 
 import torch
 
+from mgrad_net.checkpoints.loading import _unwrap
+
 __all__ = ["RunRecord"]
-
-
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return getattr(network, "module", network)  # DistributedDataParallel
 
 
 def _plain(value: Any) -> Any:

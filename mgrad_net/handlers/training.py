@@ -8,7 +8,7 @@ import io
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from ignite.engine import Engine, Events
@@ -286,11 +286,11 @@ class WeightsWithoutValidation:
 
     Args:
         validator: the evaluator whose data loader is checked.
-        saver: the best-weights ``CheckpointSaver`` (its folder and ``save_dict``).
+        saver: the best-weights :class:`~mgrad_net.checkpoints.AtomicCheckpointSaver` (its ``save_now``).
         filename: the saver's ``key_metric_filename``.
     """
 
-    def __init__(self, validator: Engine, saver: CheckpointSaver, filename: str = "model.pt") -> None:
+    def __init__(self, validator: Engine, saver: Any, filename: str = "model.pt") -> None:
         self.validator = validator
         self.saver = saver
         self.path = Path(saver.save_dir) / filename
@@ -311,9 +311,4 @@ class WeightsWithoutValidation:
     def _save(self, engine: Engine) -> None:
         if not self._unvalidated or not is_main_process():
             return
-        if hasattr(self.saver, "save_now"):
-            self.saver.save_now(self.path)
-            return
-        state = {name: getattr(obj, "module", obj).state_dict() for name, obj in self.saver.save_dict.items()}
-        with atomic_path(self.path, fsync=True) as tmp:
-            torch.save(next(iter(state.values())) if len(state) == 1 else state, tmp)
+        self.saver.save_now(self.path)
