@@ -2,8 +2,10 @@
 
     python scripts/compare_models.py --dataset_dir ../shared/data/acdc
 
-Each row is the bundle's evaluation (``configs/train.json`` + ``configs/evaluate.json`` + the row's
-override files) run in a subprocess, exactly as a user runs it; the numbers come from the
+The rows are read from the experiment folders (``experiments/<name>/rows.json``, see
+:func:`read_rows`): each folder's ``override.json``, weights and training logs. Each row is the
+bundle's evaluation (``configs/train.json`` + ``configs/evaluate.json`` + the folder's
+``override.json``) run in a subprocess, exactly as a user runs it; the numbers come from the
 ``summary.json`` it writes. Each row also gives its training minutes and the minutes to first
 reach 0.85 and 0.90 validation Dice (from its training logs), and the seconds per volume of the
 bundle's ``inference`` with the same overrides. Rows whose checkpoint is missing are listed as not
@@ -25,84 +27,80 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import fire
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 
-# row name -> (override configs after train.json + evaluate.json, training logs, checkpoint[, overrides
-# by id]), paths in the bundle; weights trained in stages list one log per stage, and the row sums them;
-# the ids override evaluation and inference only (MedSegDiff's sampling rows share one training);
-# every row runs in float32 (amp false) unless its ids say otherwise, whatever the machine's default
-SHIPPED_LOGS = (
-    "docs/training_log.csv,docs/training_log_stage1.csv,docs/training_log_stage2.csv,docs/training_log_stage3.csv,"
-    "docs/training_log_stage4.csv,docs/training_log_stage5.csv,docs/training_log_stage6.csv,"
-    "docs/training_log_stage7.csv"
-)
-# the comparison protocol's rows trained at 192×192, the default roi_size before the shipped weights' last stage
-AT_192 = {"roi_size": [192, 192]}
-MEDSEGDIFF_LOG = "docs/training_log_medsegdiff.csv"
-ROWS: dict[str, tuple] = {
-    "MGRAD-UNet (shipped weights)": ([], SHIPPED_LOGS, "models/model.pt"),
-    "MGRAD-UNet (shipped weights, bf16 autocast)": ([], SHIPPED_LOGS, "models/model.pt", {"amp": True}),
-    "MGRAD-UNet, 3 feedback passes at inference": (["ablation_inference_feedback"], SHIPPED_LOGS, "models/model.pt"),
-    "MGRAD-UNet (60-min protocol)": (
-        [], "docs/training_log_mgrad_protocol.csv", "models/mgrad_protocol/model.pt", AT_192),
-    "MGRAD-UNet trained without feedback": (
-        ["ablation_no_feedback"], "docs/training_log_ablation_no_feedback.csv",
-        "models/ablation_no_feedback/model.pt", AT_192),
-    "MGRAD-UNet, shipped recipe (60-min protocol)": (
-        [], "docs/training_log_ablation_shipped_recipe.csv",
-        "models/ablation_shipped_recipe/model.pt", AT_192),
-    "MGRAD-UNet, shipped recipe without patches": (
-        [], "docs/training_log_ablation_no_patches.csv",
-        "models/ablation_no_patches/model.pt", AT_192),
-    "MGRAD-UNet, shipped recipe with 3 feedback passes": (
-        [], "docs/training_log_ablation_three_passes.csv",
-        "models/ablation_three_passes/model.pt", AT_192),
-    "MGRAD-UNet, shipped recipe with 3 volumes × 4 slices": (
-        [], "docs/training_log_ablation_three_volumes.csv",
-        "models/ablation_three_volumes/model.pt", AT_192),
-    "MGRAD-UNet, shipped recipe at 224×224": (
-        [], "docs/training_log_ablation_roi_224.csv", "models/ablation_roi_224/model.pt"),
-    "MGRAD-UNet, weighted side loss": (
-        [], "docs/training_log_ablation_weighted_loss.csv",
-        "models/ablation_weighted_loss/model.pt", AT_192),
-    "BasicUNet (baseline)": (
-        ["baseline_basicunet"], "docs/training_log_baseline_basicunet.csv",
-        "models/baseline_basicunet/model.pt", AT_192),
-    "BasicUNet, shipped recipe": (
-        ["baseline_basicunet"],
-        "docs/training_log_baseline_basicunet_shipped_recipe.csv",
-        "models/baseline_basicunet_shipped_recipe/model.pt", AT_192),
-    "SwinUNETR": (["swinunetr"], "docs/training_log_swinunetr.csv", "models/swinunetr/model.pt", AT_192),
-    "SwinUNETR-RecA": (
-        ["swinunetr_reca"], "docs/training_log_swinunetr_reca.csv", "models/swinunetr_reca/model.pt", AT_192),
-    "MedSegDiff (DDIM 10 steps × 1)": (["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt", AT_192),
-    "MedSegDiff (DDIM 2 steps × 1)": (
-        ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt", {**AT_192, "network_def#num_inference_steps": 2}),
-    "MedSegDiff (DDIM 2 steps × 5)": (
-        ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt",
-        {**AT_192, "network_def#num_inference_steps": 2, "network_def#num_ensemble": 5}),
-    "MedSegDiff (DDIM 10 steps × 1; noise head only)": (
-        ["medsegdiff"], MEDSEGDIFF_LOG, "models/medsegdiff/model.pt", {**AT_192, "network_def#aux_blend": 0.0}),
-    "Hi-gMISnet": (["higmisnet"], "docs/training_log_higmisnet.csv", "models/higmisnet/model.pt", AT_192),
-}  # fmt: skip
+EXPERIMENTS = REPO / "experiments"
+# the tables, by an experiment folder's top folder: the equal-budget comparison, the ablations, and
+# the rest (the shipped weights and the runs behind them)
+GROUPS = {"comparison": "comparison", "ablations": "ablations"}
 
 
-def _configs(names: list[str]) -> list[str]:
-    return [str(BUNDLE / "configs" / f"{n}.json") for n in ["train", "evaluate", *names]]
+@dataclass(frozen=True)
+class Row:
+    """One table row, read from an experiment folder's ``rows.json`` (a list of rows): ``row`` its
+    name; ``weights`` (default ``model.pt``) and ``logs`` (a folder or a log; default: the folder's
+    ``training_log*.csv``, stages in name order) relative to the folder; ``ids`` config ids that
+    evaluation and inference override (MedSegDiff's sampling rows share one training); ``order``
+    its place in its table. ``overrides`` is the folder's ``override.json``, merged after the
+    bundle's configs. Every row runs in float32 unless its ids say ``amp``."""
+
+    name: str
+    group: str
+    folder: Path
+    overrides: tuple[Path, ...]
+    weights: Path
+    logs: tuple[Path, ...]
+    ids: dict = field(default_factory=dict, hash=False)
+    order: int = 50
 
 
-def _network(overrides: list[str], ids: dict | None = None):
+def _logs(where: Path) -> tuple[Path, ...]:
+    return tuple(sorted(where.glob("training_log*.csv"))) if where.is_dir() else (where,)
+
+
+def read_rows(root: Path = EXPERIMENTS) -> dict[str, Row]:
+    """Every row of every experiment folder under ``root`` that has a ``rows.json``, by name, in
+    table order (comparison, ablations, the rest; then each row's ``order``)."""
+    rows = []
+    for spec in sorted(root.rglob("rows.json")):
+        folder = spec.parent
+        group = GROUPS.get(folder.relative_to(root).parts[0], "shipped")
+        override = folder / "override.json"
+        for item in json.loads(spec.read_text()):
+            rows.append(Row(
+                name=item["row"], group=group, folder=folder,
+                overrides=(override,) if override.is_file() else (),
+                weights=(folder / item.get("weights", "model.pt")).resolve(),
+                logs=_logs((folder / item["logs"]).resolve() if "logs" in item else folder),
+                ids=dict(item.get("ids", {})), order=int(item.get("order", 50)),
+            ))  # fmt: skip
+    tables = ["shipped", "comparison", "ablations"]
+    rows.sort(key=lambda r: (tables.index(r.group), r.order, r.name))
+    return {r.name: r for r in rows}
+
+
+ROWS = read_rows()
+
+
+def _configs(bundle: list[str], overrides: Sequence[Path | str] = ()) -> list[str]:
+    """The bundle's ``configs/<name>.json`` for each of ``bundle``, then the override files."""
+    return [str(BUNDLE / "configs" / f"{n}.json") for n in bundle] + [str(o) for o in overrides]
+
+
+def _network(overrides: Sequence[Path | str], ids: dict | None = None):
     """The row's network in eval mode, built from its training config (train.json + its overrides +
     its ids, as the bundle reads them), and the config's ``roi_size`` and input channels."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / f"{n}.json") for n in ["train", *overrides]])
+    parser.read_config(_configs(["train"], overrides))
     parser["bundle_root"] = str(BUNDLE)
     for key, value in (ids or {}).items():
         parser[key] = value
@@ -110,11 +108,11 @@ def _network(overrides: list[str], ids: dict | None = None):
     return net, parser.get_parsed_content("roi_size"), parser["network_def"].get("in_channels", 1)
 
 
-def parameter_count(overrides: list[str], ids: dict | None = None) -> int:
+def parameter_count(overrides: Sequence[Path | str], ids: dict | None = None) -> int:
     return sum(p.numel() for p in _network(overrides, ids)[0].parameters())
 
 
-def network_size(overrides: list[str], ids: dict | None = None) -> tuple[int, float, list[int]]:
+def network_size(overrides: Sequence[Path | str], ids: dict | None = None) -> tuple[int, float, list[int]]:
     """Parameters, forward GFLOPs per slice (``torch.utils.flop_counter``) and ``roi_size`` of the row's
     network as the bundle infers with it: one slice at ``roi_size`` in eval mode, so a sampling network
     counts all its steps and ensemble members, and a feedback row all its passes. ``ids``: the row's
@@ -132,8 +130,7 @@ def size_table(chosen: list[str]) -> str:
     """Each row's network: parameters and forward GFLOPs per slice, trained or not (no evaluation)."""
     lines = ["| model | parameters | GFLOPs per slice | roi_size |", "|---|---|---|---|"]
     for name in chosen:
-        overrides, _, _, ids = (*ROWS[name], {})[:4]
-        params, gflops, roi_size = network_size(overrides, ids)
+        params, gflops, roi_size = network_size(ROWS[name].overrides, ROWS[name].ids)
         lines.append(f"| {name} | {params:,} | {gflops:.2f} | {'×'.join(map(str, roi_size))} |")
         print(lines[-1], file=sys.stderr, flush=True)
     note = ("\nGFLOPs per slice: one slice's forward at roi_size as the bundle infers (`torch.utils.flop_counter`; "
@@ -175,7 +172,7 @@ def minutes_to(logs: list[Path], dice: float) -> float | None:
 
 
 def inference_seconds(
-    overrides: list[str], dataset_dir: str, section: str, ckpt: Path, ids: dict | None = None
+    overrides: Sequence[Path | str], dataset_dir: str, section: str, ckpt: Path, ids: dict | None = None
 ) -> float:
     """Seconds per volume of the bundle's ``inference`` (``inference.json`` + ``overrides``) on
     ``section``, as a user runs it: loading, slicing, the forward, inversion and NIfTI writing;
@@ -187,7 +184,7 @@ def inference_seconds(
 
     with tempfile.TemporaryDirectory(prefix="compare_models_infer_") as out:
         workflow = ConfigWorkflow(
-            config_file=[str(BUNDLE / "configs" / f"{n}.json") for n in ["inference", *overrides]],
+            config_file=_configs(["inference"], overrides),
             meta_file=str(BUNDLE / "configs" / "metadata.json"), logging_file=str(BUNDLE / "configs" / "logging.conf"),
             workflow_type="infer", bundle_root=str(BUNDLE), dataset_dir=dataset_dir, infer_section=section,
             output_dir=out, ckpt_path=str(ckpt), **(ids or {}),
@@ -202,7 +199,7 @@ def inference_seconds(
 
 
 def evaluate(
-    overrides: list[str],
+    overrides: Sequence[Path | str],
     dataset_dir: str,
     output_dir: Path,
     section: str,
@@ -215,7 +212,7 @@ def evaluate(
     a file the command line is appended to. ``ckpt``: the weights (default: the configs' ``ckpt_path``)."""
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "evaluating",
-        "--config_file", json.dumps(_configs(overrides)),
+        "--config_file", json.dumps(_configs(["train", "evaluate"], overrides)),
         "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
         "--logging_file", str(BUNDLE / "configs" / "logging.conf"),
         "--bundle_root", str(BUNDLE),
@@ -281,7 +278,14 @@ def compare(
         sizes: print only each row's parameters and forward GFLOPs per slice (trained or not; no evaluation).
     """
     chosen = row_names(rows) if rows else list(ROWS)
-    table = size_table(chosen) if sizes else results_table(chosen, dataset_dir, section, output_dir)
+    titles = {"shipped": "The shipped weights", "comparison": "Equal budget", "ablations": "Ablations"}
+    tables = []
+    for group, title in titles.items():
+        part = [name for name in chosen if ROWS[name].group == group]
+        if part:
+            body = size_table(part) if sizes else results_table(part, dataset_dir, section, output_dir, group)
+            tables.append(f"### {title}\n\n{body}")
+    table = "\n".join(tables)
     print(table)
     if markdown:
         from mgrad_net.io import atomic_write_text
@@ -290,7 +294,9 @@ def compare(
     return table
 
 
-def results_table(chosen: list[str], dataset_dir: str, section: str, output_dir: str | None) -> str:
+def results_table(
+    chosen: list[str], dataset_dir: str, section: str, output_dir: str | None, group: str = "rows"
+) -> str:
     """The evaluation table of the ``chosen`` rows that are trained (see :func:`compare`)."""
     import torch
 
@@ -300,22 +306,22 @@ def results_table(chosen: list[str], dataset_dir: str, section: str, output_dir:
     lines, units = [], []
     summary: dict = {"cases": 0}  # the note's count when no chosen row is trained
     for i, name in enumerate(chosen):
-        overrides, log, ckpt, ids = (*ROWS[name], {})[:4]
-        if not (BUNDLE / ckpt).is_file():
-            print(f"{name}: not trained ({ckpt} missing), skipped", file=sys.stderr)
+        row = ROWS[name]
+        overrides, logs, ckpt = row.overrides, list(row.logs), row.weights
+        if not ckpt.is_file():
+            print(f"{name}: not trained ({ckpt.relative_to(REPO)} missing), skipped", file=sys.stderr)
             continue
-        ids = {"amp": False, **ids}
+        ids = {"amp": False, **row.ids}
         if ids["amp"] and not native_mixed_precision("cuda" if torch.cuda.is_available() else "cpu"):
             print(f"{name}: skipped, this machine has no native bf16 (emulated, it runs many times slower)",
                   file=sys.stderr)  # fmt: skip
             continue
         extra = [arg for key, value in ids.items() for arg in (f"--{key}", json.dumps(value))]
-        summary = evaluate(overrides, dataset_dir, keep / f"row{i}", section, extra, ckpt=BUNDLE / ckpt)
-        logs = [BUNDLE / part for part in log.split(",")]
+        summary = evaluate(overrides, dataset_dir, keep / f"{group}{i}", section, extra, ckpt=ckpt)
         minutes, epochs = training_minutes(logs)
         mean = summary["mean"]
         units.append(summary.get("distance_unit", "voxels"))
-        seconds = inference_seconds(overrides, dataset_dir, section, BUNDLE / ckpt, ids)
+        seconds = inference_seconds(overrides, dataset_dir, section, ckpt, ids)
         cells = [name, f"{parameter_count(overrides, ids):,}", str(epochs or "–"), _fmt(minutes, 1),
                  _fmt(minutes_to(logs, 0.85), 1), _fmt(minutes_to(logs, 0.90), 1),
                  *map(_fmt, accuracy_cells(summary).values()), _fmt(mean["hd95"], 2), _fmt(mean["asd"], 2),

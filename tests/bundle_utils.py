@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
+EXPERIMENTS = REPO / "experiments"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # the real architecture at a width and slice size a CPU test can afford
@@ -30,8 +31,11 @@ def free_port() -> int:
 
 def config_files(*names: str) -> list[str]:
     """The config files of a command, as the model card lists them: ``("train", "evaluate")``
-    stands for ``['configs/train.json', 'configs/evaluate.json']``."""
-    return [str(CONFIGS / f"{n}.json") for n in names]
+    stands for ``['configs/train.json', 'configs/evaluate.json']``; a name that is not a bundle
+    config is an experiment's override: ``"comparison/swinunetr"`` for
+    ``experiments/comparison/swinunetr/override.json``."""
+    return [str(CONFIGS / f"{n}.json" if (CONFIGS / f"{n}.json").is_file() else EXPERIMENTS / n / "override.json")
+            for n in names]  # fmt: skip
 
 
 def configs(*names: str) -> str:

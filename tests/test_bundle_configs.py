@@ -17,7 +17,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata
 
-from tests.bundle_utils import CONFIGS, REPO, config_files, free_port, verify_bundle_module
+from tests.bundle_utils import CONFIGS, EXPERIMENTS, REPO, config_files, free_port, verify_bundle_module
 
 SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
 # what the model is: defined in inference.json and, identically, in train.json (overrides such as
@@ -102,18 +102,22 @@ def test_config_workflow_properties(files, workflow_type, tmp_path):
 
 
 # what a base config name on a command line stands for: evaluate.json merges after train.json
-_BASES = {"inference": ["inference"], "train": ["train"], "evaluate": ["train", "evaluate"],
-          "baseline_basicunet": ["train", "baseline_basicunet"]}  # fmt: skip
+_BASES = {"inference": ["inference"], "train": ["train"], "evaluate": ["train", "evaluate"]}
+
+# the bundle's configs and the experiments' overrides, by the name config_files takes
+_OVERRIDES = {p.stem: p for p in CONFIGS.glob("*.json")} | {
+    str(p.parent.relative_to(EXPERIMENTS)): p for p in EXPERIMENTS.rglob("override.json")
+}
 
 
 def _merges() -> list[tuple[str, str]]:
     """(config, base) for every "merge after a.json, b.json or c.json" a config's _desc_ promises."""
     pairs = []
-    for path in sorted(CONFIGS.glob("*.json")):
+    for name, path in sorted(_OVERRIDES.items()):
         desc = json.loads(path.read_text()).get("_desc_", "") if path.name != "metadata.json" else ""
         found = re.search(r"[Mm]erge after ((?:\w+\.json(?:, | or )?)+)", desc)
         if found:
-            pairs += [(path.stem, base) for base in re.findall(r"(\w+)\.json", found.group(1))]
+            pairs += [(name, base) for base in re.findall(r"(\w+)\.json", found.group(1))]
     return pairs
 
 
@@ -122,7 +126,7 @@ def test_every_config_merges_after_the_configs_it_names(override, base):
     # a "#" key whose parent the base lacks fails at read_config (full_size.json's
     # lr_scheduler#power after inference.json alone)
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / f"{f}.json") for f in _BASES[base] + [override]])
+    parser.read_config(config_files(*_BASES[base], override))
     net = parser.get_parsed_content("network_def", instantiate=True)
     assert isinstance(net, torch.nn.Module)
     if override == "full_size":
@@ -133,43 +137,41 @@ def test_every_config_merges_after_the_configs_it_names(override, base):
 
 @pytest.mark.parametrize(
     "name,changed,sample,passes,per_volume,roi",
-    [("ablation_no_patches", {"train#patch_size"}, [192, 192, 1], 1, 6, [192, 192]),
-     ("ablation_three_passes", {"feedback_passes"}, [128, 128, 1], 3, 6, [192, 192]),
-     ("ablation_three_volumes", {"train#slices_per_volume", "train#dataloader#batch_size"}, [128, 128, 1], 1, 4,
+    [("ablations/no_patches", {"train#patch_size"}, [192, 192, 1], 1, 6, [192, 192]),
+     ("ablations/three_passes", {"feedback_passes"}, [128, 128, 1], 3, 6, [192, 192]),
+     ("ablations/three_volumes", {"train#slices_per_volume", "train#dataloader#batch_size"}, [128, 128, 1], 1, 4,
       [192, 192]),
-     ("ablation_roi_224", {"roi_size", "train#patch_size"}, [144, 144, 1], 1, 6, None)],
+     ("ablations/roi_224", {"roi_size", "train#patch_size"}, [144, 144, 1], 1, 6, None)],
 )  # fmt: skip
 def test_each_recipe_ablation_is_the_shipped_recipe_but_for_one_choice(name, changed, sample, passes, per_volume, roi):
     """``roi`` is the ``--roi_size`` its protocol command passes (None: none, the config sets it)."""
-    recipe = json.loads((CONFIGS / "ablation_shipped_recipe.json").read_text())
-    ablation = json.loads((CONFIGS / f"{name}.json").read_text())
+    recipe = json.loads(_OVERRIDES["ablations/shipped_recipe"].read_text())
+    ablation = json.loads(_OVERRIDES[name].read_text())
     differ = {k for k in recipe.keys() | ablation.keys() if recipe.get(k) != ablation.get(k)}
-    assert differ == {"_desc_", "ckpt_dir", "output_dir"} | changed
-    runs = (("ablation_shipped_recipe", [128, 128, 1], 1, 6, [192, 192]), (name, sample, passes, per_volume, roi))
+    assert differ == {"_desc_"} | changed
+    runs = (("ablations/shipped_recipe", [128, 128, 1], 1, 6, [192, 192]), (name, sample, passes, per_volume, roi))
     for config, size, t, n, r in runs:
         parser = _parser("train", config, **({"roi_size": r} if r else {}))
         assert parser.get_parsed_content("train#sample_size") == size
         assert parser["train#slices_per_volume"] == n
         assert parser.get_parsed_content("train#dataloader#batch_size") * n == 12
         assert parser.get_parsed_content("feedback_passes") == t
-        assert parser.get_parsed_content("ckpt_dir").endswith(f"models/{config}")
 
 
 def test_the_baselines_shipped_recipe_row_samples_as_mgrad_unets():
-    recipe = json.loads((CONFIGS / "ablation_shipped_recipe.json").read_text())
-    baseline = json.loads((CONFIGS / "baseline_basicunet_shipped_recipe.json").read_text())
+    recipe = json.loads(_OVERRIDES["ablations/shipped_recipe"].read_text())
+    baseline = json.loads(_OVERRIDES["comparison/basicunet_recipe"].read_text())
     assert {k: v for k, v in recipe.items() if k.startswith("train#")} == {
         k: v for k, v in baseline.items() if k.startswith("train#")
     }
-    parser = _parser("train", "baseline_basicunet", "baseline_basicunet_shipped_recipe", roi_size=[192, 192])
+    parser = _parser("train", "comparison/basicunet_recipe")
     assert type(parser.get_parsed_content("network_def")).__name__ == "BasicUNet"
     assert parser.get_parsed_content("train#sample_size") == [128, 128, 1]
-    assert parser.get_parsed_content("ckpt_dir").endswith("models/baseline_basicunet_shipped_recipe")
 
 
 def test_merges_cover_every_config_but_the_two_entry_configs():
     named = {o for o, _ in _merges()}
-    assert {p.stem for p in CONFIGS.glob("*.json")} - {"inference", "train", "metadata"} <= named
+    assert set(_OVERRIDES) - {"inference", "train", "metadata"} <= named
 
 
 def test_runner_names_alias_run():

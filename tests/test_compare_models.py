@@ -46,12 +46,14 @@ def test_network_size_counts_what_the_bundle_runs_at_inference():
     from compare_models import network_size
     from monai.networks.nets import BasicUNet
 
-    params, gflops, _ = network_size(["baseline_basicunet"])
+    params, gflops, _ = network_size(ROWS["BasicUNet (baseline)"].overrides)
     assert params == sum(p.numel() for p in BasicUNet(2, 1, 4, features=(14, 28, 56, 112, 224, 14)).parameters())
     mgrad = network_size([])
-    assert network_size(["ablation_inference_feedback"])[1] == pytest.approx(3 * mgrad[1], rel=0.01)
-    one = network_size(["medsegdiff"], {"network_def#num_inference_steps": 1})
-    three = network_size(["medsegdiff"], {"network_def#num_inference_steps": 1, "network_def#num_ensemble": 3})
+    feedback = ROWS["MGRAD-UNet, 3 feedback passes at inference"].overrides
+    assert network_size(feedback)[1] == pytest.approx(3 * mgrad[1], rel=0.01)
+    medsegdiff = ROWS["MedSegDiff (DDIM 10 steps × 1)"].overrides
+    one = network_size(medsegdiff, {"network_def#num_inference_steps": 1})
+    three = network_size(medsegdiff, {"network_def#num_inference_steps": 1, "network_def#num_ensemble": 3})
     assert one[0] == three[0] and three[1] == pytest.approx(3 * one[1], rel=0.001)
     assert gflops < mgrad[1] and torch.is_grad_enabled()  # nothing left in inference mode
 
@@ -62,10 +64,9 @@ def test_every_rows_configs_merge_after_inference_json_as_its_timing_reads_them(
     # in them fails there, after the row's evaluation has already run
     from monai.bundle import ConfigParser
 
-    overrides, _, _, ids = (*ROWS[name], {})[:4]
     parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / f"{n}.json") for n in ["inference", *overrides]])
-    for key, value in ids.items():
+    parser.read_config([str(BUNDLE / "configs" / "inference.json"), *map(str, ROWS[name].overrides)])
+    for key, value in ROWS[name].ids.items():
         parser[key] = value
     assert parser.get_parsed_content("network_def") is not None
 
@@ -75,7 +76,24 @@ def test_each_row_is_evaluated_with_its_own_checkpoint(tmp_path):
     # the row's weights: a checkpoint that is not there is the evaluation's error, naming the file
     missing = tmp_path / "not_trained" / "model.pt"
     with pytest.raises(RuntimeError, match="not_trained/model.pt"):
-        evaluate(["quick"], str(BUNDLE / "data" / "synthetic"), tmp_path / "out", "validation", ckpt=missing)
+        evaluate([BUNDLE / "configs" / "quick.json"], str(BUNDLE / "data" / "synthetic"), tmp_path / "out", "validation",
+                 ckpt=missing)
+
+
+def test_rows_are_read_from_the_experiment_folders_each_with_its_own_weights_logs_and_override():
+    from compare_models import EXPERIMENTS, read_rows
+
+    rows = read_rows()
+    assert rows == ROWS and len({r.group for r in rows.values()}) == 3
+    for row in rows.values():
+        assert row.folder.is_relative_to(EXPERIMENTS) and (row.folder / "rows.json").is_file()
+        assert row.overrides in ((), (row.folder / "override.json",))
+    swin = rows["SwinUNETR"]
+    assert swin.weights == EXPERIMENTS / "comparison" / "swinunetr" / "model.pt" and swin.weights.is_file()
+    assert [log.name for log in swin.logs] == ["training_log.csv"] and swin.group == "comparison"
+    # rows of one training share its weights and logs, and differ by the ids evaluation overrides
+    two = rows["MedSegDiff (DDIM 2 steps × 1)"]
+    assert two.weights == rows["MedSegDiff (DDIM 10 steps × 1)"].weights and two.ids == {"network_def#num_inference_steps": 2}
 
 
 def test_rows_are_named_by_commas_and_a_name_may_hold_one():
