@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
+
+# MONAI's engines build torch.cuda.amp.GradScaler (deprecated, and disabled without CUDA) and enter
+# torch.autocast("cuda") on a CPU (this package's own autocast does the CPU's bf16) on every run:
+# warnings about MONAI's internals that no user of this bundle can act on, silenced by their text
+warnings.filterwarnings("ignore", r"`torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated", FutureWarning)
+warnings.filterwarnings("ignore", r"torch\.cuda\.amp\.GradScaler is enabled, but CUDA is not available", UserWarning)
+warnings.filterwarnings("ignore", r"CUDA is not available or torch_xla is imported\. Disabling autocast", UserWarning)
 
 __version__ = "0.1.0"
 

@@ -112,7 +112,6 @@ def start_checkpoint(
     finetune: bool = False,
     resume: bool = False,
     weights: str | None = None,
-    configs_dir: str | os.PathLike | None = None,
     discard_unfinished: bool = False,
 ) -> str | None:
     """The file a training run starts from, loaded and matched against ``network`` up front:
@@ -124,16 +123,16 @@ def start_checkpoint(
 
     Raises:
         CheckpointError: in one line, naming the file: missing, empty, truncated, or of another
-            architecture (with the override that loads it); no checkpoint to resume from; an
+            network (as its record names it); no checkpoint to resume from; an
             unfinished run a new one would end.
     """
     if resume:
-        return resume_checkpoint(ckpt_dir, network, configs_dir)
+        return resume_checkpoint(ckpt_dir, network)
     earlier_run(ckpt_dir, discard_unfinished=discard_unfinished)
     if finetune:
         if not weights:
             raise ValueError("finetune needs the path of the weights to start from.")
-        return check_weights(weights, network, configs_dir, new_classes=True)
+        return check_weights(weights, network, new_classes=True)
     return None
 
 

@@ -238,7 +238,7 @@ def measure_infer3d(
         hu = np.random.RandomState(0).normal(40, 200, size=(512, 512, 100)).astype(np.int16)
         image = work / "ct_volume.nii.gz"
         nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.5, 1.0])), str(image))
-        configs.append(str(REPO / "bundle" / "configs" / "synapse.json"))
+        configs.append(str(REPO / "experiments" / "synapse" / "override.json"))
     parser = ConfigParser()
     parser.read_config(configs)
     torch.save(parser.get_parsed_content("network_def").state_dict(), work / "model.pt")

@@ -171,6 +171,19 @@ def minutes_to(logs: list[Path], dice: float) -> float | None:
     return None
 
 
+def _inference_only(overrides: Sequence[Path | str], folder: Path) -> list[Path]:
+    """``overrides`` without their training-only ids (``train#...``, which inference.json has no
+    parent for), as copies in ``folder`` where they had any."""
+    kept = []
+    for i, path in enumerate(map(Path, overrides)):
+        config = json.loads(path.read_text())
+        if any(key.startswith("train#") for key in config):
+            path = folder / f"override{i}.json"
+            path.write_text(json.dumps({k: v for k, v in config.items() if not k.startswith("train#")}))
+        kept.append(path)
+    return kept
+
+
 def inference_seconds(
     overrides: Sequence[Path | str], dataset_dir: str, section: str, ckpt: Path, ids: dict | None = None
 ) -> float:
@@ -184,7 +197,7 @@ def inference_seconds(
 
     with tempfile.TemporaryDirectory(prefix="compare_models_infer_") as out:
         workflow = ConfigWorkflow(
-            config_file=_configs(["inference"], overrides),
+            config_file=_configs(["inference"], _inference_only(overrides, Path(out))),
             meta_file=str(BUNDLE / "configs" / "metadata.json"), logging_file=str(BUNDLE / "configs" / "logging.conf"),
             workflow_type="infer", bundle_root=str(BUNDLE), dataset_dir=dataset_dir, infer_section=section,
             output_dir=out, ckpt_path=str(ckpt), **(ids or {}),

@@ -52,8 +52,7 @@ def test_metadata_passes_the_model_zoo_schema():
     assert meta["version"] in meta["changelog"]
     fmt = meta["network_data_format"]
     assert set(fmt["inputs"]) == {"image"} and set(fmt["outputs"]) == {"pred"}
-    model = json.loads((CONFIGS / "inference.json").read_text())
-    assert list(fmt["outputs"]["pred"]["channel_def"].values()) == model["class_names"]
+    assert list(fmt["outputs"]["pred"]["channel_def"].values()) == _parser("inference").get_parsed_content("class_names")
 
 
 _CHECK = """

@@ -10,8 +10,11 @@
   it finds; a new run never starts over an unfinished one.
 - :mod:`.record`: :class:`RunRecord`, saved in ``model.pt``: the network and its arguments, the
   sizes and classes, the command and the commit that trained it.
+- :mod:`.describe`: :func:`recorded`, :func:`recorded_network`: inference and evaluation read that
+  record, so weights of other widths or sizes run with ``--ckpt_path`` alone.
 """
 
+from mgrad_net.checkpoints.describe import network_from_record, recorded, recorded_network, run_record
 from mgrad_net.checkpoints.loading import check_weights, load_checkpoint
 from mgrad_net.checkpoints.locks import (
     LOCK_NAME,
@@ -41,6 +44,10 @@ __all__ = [
     "resume_checkpoint",
     "earlier_run",
     "RunRecord",
+    "run_record",
+    "recorded",
+    "recorded_network",
+    "network_from_record",
     "read_records",
     "with_records",
 ]

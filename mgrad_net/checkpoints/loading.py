@@ -1,10 +1,9 @@
 """Loading checkpoints, checked: the weights a run starts from are loaded and matched against the
 network before anything trains; an empty, truncated, unsafe or foreign file is named in one
-line, a checkpoint of other widths with the override that loads it."""
+line, a checkpoint of another network with what its record says it holds."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -32,7 +31,11 @@ def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
         if parent.exists() and not parent.is_dir():
             raise CheckpointError(f"{what} {path} cannot exist: {parent} is a file, not a folder.")
     if not path.exists():
-        raise CheckpointError(f"{what} {path} does not exist.")
+        hint = ""
+        if not path.is_absolute() and not Path("configs").is_dir() and Path("bundle", "configs").is_dir():
+            # run from the repository root with the bundle's default bundle_root "."
+            hint = " (this is the repository root: pass --bundle_root bundle, or run from bundle/)"
+        raise CheckpointError(f"{what} {path} does not exist{hint}.")
     if not path.is_file():
         raise CheckpointError(f"{what} {path} is not a file.")
     if path.stat().st_size == 0:
@@ -61,96 +64,37 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return getattr(network, "module", network)  # DistributedDataParallel
 
 
-def _mgrad_settings(state: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The MGRAD-UNet arguments a state dict implies (from its weight shapes), or ``None`` when
-    it is not an MGRAD-UNet's."""
+def _record(path: Path) -> Mapping[str, Any]:
+    from mgrad_net.checkpoints.saving import read_records
+
     try:
-        first = state["encoder.0.conv1.conv.weight"]
-        settings: dict[str, Any] = {
-            "features": [int(state[f"encoder.{i}.conv1.conv.weight"].shape[0]) for i in range(5)],
-            "decoder_channels": int(state["msd.dp54.conv.conv.weight"].shape[0]),
-            "in_channels": int(first.shape[1]),
-            "out_channels": int(state["msd.pyramid.head.conv.weight"].shape[0]),
-        }
-    except (KeyError, IndexError, AttributeError):
-        return None
-    settings["use_rfb"] = any(k.startswith("rfbs.") and ".branches." in k for k in state)
-    settings["side_outputs"] = any(k.startswith("side.") for k in state)
-    return settings
+        record = read_records(path).get("record")
+    except Exception:  # unreadable: load_checkpoint has named it already
+        return {}
+    return record if isinstance(record, Mapping) else {}
 
 
-def _describe(settings: Mapping[str, Any]) -> str:
-    return (
-        f"features {settings['features']}, decoder_channels {settings['decoder_channels']}, "
-        f"{settings['out_channels']} classes"
-    )
+def _arguments(network: torch.nn.Module) -> Mapping[str, Any]:
+    return getattr(_unwrap(network), "init_args", None) or {}
 
 
-def _override(name: str, value: Any) -> str:
-    if isinstance(value, bool):
-        return f"--network_def#{name} {str(value).lower()}"
-    if isinstance(value, list):
-        return f'--network_def#{name} "[{",".join(str(v) for v in value)}]"'
-    return f"--network_def#{name} {value}"
-
-
-def _preset(settings: Mapping[str, Any], configs_dir: str | os.PathLike | None) -> str | None:
-    """The config file in ``configs_dir`` whose widths are ``settings``', if one is."""
-    if configs_dir is None or not Path(configs_dir).is_dir():
-        return None
-    for config in sorted(Path(configs_dir).glob("*.json")):
-        try:
-            content = json.loads(config.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(content, dict) and content.get("network_def#features") == settings["features"]:
-            if (
-                content.get("network_def#decoder_channels", settings["decoder_channels"])
-                == settings["decoder_channels"]
-            ):
-                return f"configs/{config.name}"
-    return None
-
-
-def mismatch(
-    path: Path, saved: Mapping[str, Any], network: torch.nn.Module, configs_dir: str | os.PathLike | None
-) -> str | None:
+def mismatch(path: Path, saved: Mapping[str, Any], network: torch.nn.Module) -> str | None:
     """One line saying why ``saved`` does not load into ``network`` and what would load it;
-    ``None`` when it loads (same names, same shapes)."""
+    ``None`` when it loads (same names, same shapes). What the weights hold is read from their
+    record (:class:`~mgrad_net.checkpoints.RunRecord`), never guessed from parameter names."""
     expected = _unwrap(network).state_dict()
-    names_differ = set(saved) != set(expected)
     shapes_differ = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
-    if not names_differ and not shapes_differ:
+    if set(saved) == set(expected) and not shapes_differ:
         return None
-    ours, theirs = _mgrad_settings(expected), _mgrad_settings(saved)
-    if ours is not None and theirs is not None:
-        changes = [
-            _override(k, theirs[k])
-            for k in ("features", "decoder_channels", "in_channels", "use_rfb", "side_outputs")
-            if theirs[k] != ours[k]
-        ]
-        hints = []
-        if changes:
-            preset = _preset(theirs, configs_dir)
-            hints.append("load it with " + " ".join(changes) + (f" (or merge {preset})" if preset else ""))
-        if theirs["out_channels"] != ours["out_channels"]:
-            hints.append(f"its {theirs['out_channels']} classes need class_names with {theirs['out_channels']} names")
+    ours = type(_unwrap(network)).__name__
+    record = _record(Path(path))
+    if record.get("network"):
+        theirs = str(record["network"]).rsplit(".", 1)[-1]
+        args, built = record.get("network_args") or {}, _arguments(network)
+        differ = ", ".join(f"{k}={v}" for k, v in args.items() if built.get(k) != v)
         return (
-            f"{path} holds an MGRAD-UNet with {_describe(theirs)}; this run builds {_describe(ours)}: "
-            + "; ".join(hints or ["the remaining parameters differ"])
-            + "."
-        )
-    if theirs is not None:
-        return (
-            f"{path} holds an MGRAD-UNet with {_describe(theirs)}, "
-            f"but this run builds a {type(_unwrap(network)).__name__}: "
-            "drop the override of network_def, or give the MGRAD-UNet widths."
-        )
-    first = next(iter(saved), "nothing")
-    if ours is not None:
-        return (
-            f"{path} holds another network than MGRAD-UNet (its parameters are named like {first!r}): give the "
-            "config it was trained with (for MONAI's BasicUNet, configs/baseline_basicunet.json)."
+            f"{path} holds a {theirs} built with {differ or 'other arguments'} (its record); this run builds a "
+            f"{ours}: drop the network_def overrides that differ, or give these."
         )
     detail = (
         f"{shapes_differ[0]}: {tuple(saved[shapes_differ[0]].shape)} there, "
@@ -159,22 +103,17 @@ def mismatch(
         else f"parameter names differ, e.g. {sorted(set(saved) ^ set(expected))[0]!r}"
     )
     return (
-        f"{path} does not fit this run's {type(_unwrap(network)).__name__} "
-        f"({len(shapes_differ)} shape(s) differ; {detail}): "
-        "give the network settings it was trained with."
+        f"{path} does not fit this run's {ours} ({len(shapes_differ)} shape(s) differ; {detail}) and carries no "
+        "record of the network it holds: give the config it was trained with (its experiment's override.json)."
     )
 
 
 def _classes_only(saved: Mapping[str, Any], network: torch.nn.Module) -> bool:
     """Whether ``saved`` is ``network``'s architecture but for its number of classes: the same
-    parameter names, and (for an MGRAD-UNet) the same widths; tensors that differ differ in their
-    first (output-channel) dimension only."""
+    parameter names, and tensors that differ differ in their first (output-channel) dimension only."""
     expected = _unwrap(network).state_dict()
     if set(saved) != set(expected):
         return False
-    ours, theirs = _mgrad_settings(expected), _mgrad_settings(saved)
-    if ours is not None and theirs is not None:
-        return all(ours[k] == theirs[k] for k in ours if k != "out_channels")
     for name, tensor in expected.items():
         shape, other = tuple(tensor.shape), tuple(saved[name].shape)
         if shape != other and (len(shape) != len(other) or shape[1:] != other[1:]):
@@ -185,7 +124,6 @@ def _classes_only(saved: Mapping[str, Any], network: torch.nn.Module) -> bool:
 def check_weights(
     path: str | os.PathLike,
     network: torch.nn.Module,
-    configs_dir: str | os.PathLike | None = None,
     what: str = "weights",
     new_classes: bool = False,
 ) -> str:
@@ -200,19 +138,16 @@ def check_weights(
     Args:
         path: the weights (``ckpt_path``).
         network: the run's network (DDP unwrapped).
-        configs_dir: the bundle's configs folder: a checkpoint of other widths names the config
-            file that builds them, if there is one.
         what: how the message calls the file.
 
     Raises:
         CheckpointError: in one line: the file is missing, empty, truncated or unreadable, or holds
-            another architecture (its widths, read from the weights' shapes, and the
-            ``--network_def#…`` overrides that load it).
+            another network (as its record names it, where it has one).
     """
     state = load_checkpoint(path, what)
     saved = state["model"] if "model" in state else state
     problem = (
-        mismatch(Path(path), saved, network, configs_dir)
+        mismatch(Path(path), saved, network)
         if isinstance(saved, Mapping)
         else f"{path} holds no state dict."
     )

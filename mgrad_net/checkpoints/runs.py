@@ -58,7 +58,7 @@ def earlier_run(ckpt_dir: str | os.PathLike, discard_unfinished: bool = False) -
 
 
 def resume_checkpoint(
-    ckpt_dir: str | os.PathLike, network: torch.nn.Module | None = None, configs_dir: str | os.PathLike | None = None
+    ckpt_dir: str | os.PathLike, network: torch.nn.Module | None = None
 ) -> str:
     """The newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` that loads, for ``--resume``.
 
@@ -86,7 +86,7 @@ def resume_checkpoint(
             logger.warning("--resume skips %s", err)
             continue
         if network is not None:
-            problem = mismatch(path, state["model"], network, configs_dir)
+            problem = mismatch(path, state["model"], network)
             if problem:
                 raise CheckpointError(problem)
         if skipped:
