@@ -172,14 +172,19 @@ def minutes_to(logs: list[Path], dice: float) -> float | None:
 
 
 def _inference_only(overrides: Sequence[Path | str], folder: Path) -> list[Path]:
-    """``overrides`` without their training-only ids (``train#...``, which inference.json has no
-    parent for), as copies in ``folder`` where they had any."""
+    """``overrides`` without their training-only ids (``train#...``, ``loss#...``: a ``#`` key whose
+    parent inference.json does not define), as copies in ``folder`` where they had any."""
+    defined = json.loads((BUNDLE / "configs" / "inference.json").read_text()).keys()
+
+    def training_only(key: str) -> bool:
+        return "#" in key and key.split("#")[0] not in defined
+
     kept = []
     for i, path in enumerate(map(Path, overrides)):
         config = json.loads(path.read_text())
-        if any(key.startswith("train#") for key in config):
+        if any(map(training_only, config)):
             path = folder / f"override{i}.json"
-            path.write_text(json.dumps({k: v for k, v in config.items() if not k.startswith("train#")}))
+            path.write_text(json.dumps({k: v for k, v in config.items() if not training_only(k)}))
         kept.append(path)
     return kept
 
