@@ -181,6 +181,7 @@ def test_runner_names_alias_run():
         assert merged[alias] == "@run"
 
 
+@pytest.mark.integration
 def test_verify_bundle_script_passes_every_check():
     weights = REPO / "bundle" / "models" / "model.pt"
     if not weights.is_file():
@@ -193,6 +194,7 @@ def test_verify_bundle_script_passes_every_check():
     assert "9 of 9 checks passed" in proc.stdout
 
 
+@pytest.mark.integration
 def test_installability_check_names_the_pins_an_older_python_cannot_install():
     """The check asks the package index (needs it, as pip install does): Python 3.9 has no
     MONAI 1.6.1 (its newest is 1.5.2), so the pins fail there, each named with the newest."""

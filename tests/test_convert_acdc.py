@@ -254,6 +254,7 @@ def test_input_and_option_errors(tmp_path):
     assert not (tmp_path / "out").exists() and not (root / "converted").exists()
 
 
+@pytest.mark.integration
 def test_command_line_converts_and_reports_errors_in_one_line(tmp_path):
     root = _acdc(tmp_path / "acdc", range(1, 3), range(0))
     run = [sys.executable, str(SCRIPT), f"--input_dir={root}"]

@@ -259,6 +259,7 @@ def test_input_and_option_errors(tmp_path):
     assert not (tmp_path / "out").exists() and not (root / "converted").exists()
 
 
+@pytest.mark.integration
 def test_command_line_converts_and_reports_errors_in_one_line(tmp_path):
     root = _synapse(tmp_path / "synapse", train={5: 2}, test={1: 2})
     run = [sys.executable, str(SCRIPT), f"--input_dir={root}"]

@@ -18,7 +18,7 @@ from mgrad_net.losses import MGRADLoss
 from mgrad_net.networks import MGRADUNet
 from tests.bundle_utils import CONFIGS, TINY_OVERRIDES, free_port
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
 
 # what each rank saw and ended with, recorded through the bundle's own config mechanism

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 
 from mgrad_net.checkpoints import read_records
 from mgrad_net.data import write_phantom_dataset
 from tests.bundle_utils import run_bundle
 from tests.test_training_safety import SMALL, _last_line
+
+pytestmark = pytest.mark.integration
 
 
 def _two_classes(root: Path) -> Path:

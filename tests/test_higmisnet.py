@@ -244,6 +244,7 @@ def _equal_states(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.integration
 def test_override_trains_an_epoch_infers_and_resumes_every_optimizer(tmp_path):
     """One epoch of the adversarial training on the embedded synthetic data through
     ``python -m monai.bundle``, evaluation, inference in the inputs' geometry, then ``--resume``:

@@ -154,7 +154,11 @@ def test_prepare_batch_noises_the_one_hot_label_scaled_to_plus_minus_one():
     torch.testing.assert_close(target, torch.cat([kwargs["noise"], x0], dim=1))  # the auxiliary head's target too
 
 
-@pytest.mark.parametrize("aux_head", [False, True], ids=["paper", "aux_head"])
+# the paper's variant takes about 40 s to converge: it runs with the integration group (CI); the bundle's
+# (with the auxiliary head) in seconds, in the test command
+@pytest.mark.parametrize(
+    "aux_head", [pytest.param(False, marks=pytest.mark.integration), True], ids=["paper", "aux_head"]
+)
 def test_overfits_a_few_synthetic_slices_with_the_default_steps(aux_head):
     torch.manual_seed(0)
     net = MedSegDiff(**TINY, aux_head=aux_head)
@@ -195,6 +199,7 @@ def test_seeded_sampling_is_deterministic_whatever_the_rng_state_or_batch():
 ROI = ["--roi_size", "[64,64]"]
 
 
+@pytest.mark.integration
 def test_override_trains_an_epoch_and_infers_in_the_inputs_geometry(tmp_path):
     """One epoch on the embedded synthetic data through ``python -m monai.bundle`` (validation
     samples with DDIM), then inference merged after inference.json alone."""

@@ -20,6 +20,8 @@ import torch
 
 from tests.bundle_utils import REPO, verify_bundle_module
 
+pytestmark = pytest.mark.integration
+
 WEIGHTS = REPO / "bundle" / "models" / "model.pt"
 NAME = "cardiac_mri_mgrad_unet_segmentation"
 

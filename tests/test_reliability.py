@@ -135,6 +135,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 900.0) -> Non
         time.sleep(0.05)
 
 
+@pytest.mark.integration
 def test_training_killed_mid_epoch_resumes_where_its_checkpoint_left_off(tmp_path):
     # one volume per batch: 12 iterations an epoch, so the kill lands well inside epoch 2
     settings = ["--max_epochs", "3", "--train#dataloader#batch_size", "1", "--train#slices_per_volume", "2"]

@@ -43,6 +43,7 @@ def small_data(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.integration
 def test_a_new_run_over_an_unfinished_one_is_refused_and_resume_leaves_one_run(tmp_path, small_data):
     models, log = tmp_path / "models", tmp_path / "first.log"
     data = ["--dataset_dir", str(small_data), *SMALL]

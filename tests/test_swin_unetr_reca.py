@@ -155,6 +155,7 @@ def test_overfits_a_few_synthetic_slices(reca):
 ROI = ["--roi_size", "[64,64]"]
 
 
+@pytest.mark.integration
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("name, reca", [("swinunetr", False), ("swinunetr_reca", True)])
 def test_override_trains_infers_in_the_inputs_geometry_and_exports(tmp_path, name, reca):

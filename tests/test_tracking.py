@@ -17,6 +17,8 @@ from monai.utils import path_to_sqlite_uri
 from mgrad_net.handlers import read_training_log
 from tests.bundle_utils import run_bundle
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):

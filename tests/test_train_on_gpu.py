@@ -9,12 +9,15 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from mgrad_net.data import write_phantom_dataset
 from tests.bundle_utils import REPO, TINY_OVERRIDES
 
 SCRIPT = REPO / "scripts" / "train_on_gpu.py"
 
 
+@pytest.mark.integration
 def test_trains_for_its_budget_and_writes_weights_log_benchmark_and_evaluation(tmp_path):
     data = write_phantom_dataset(tmp_path / "data", {"training": 3, "validation": 2}, shape=(48, 48, 3)).parent
     out = tmp_path / "run"

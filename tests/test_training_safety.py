@@ -80,6 +80,7 @@ def _wait(condition, proc: subprocess.Popen, log: Path, what: str, timeout: floa
 # ---------------------------------------------------------------- item 3: atomic checkpoints, --resume
 
 
+@pytest.mark.integration
 def test_a_kill_mid_save_keeps_the_previous_checkpoint_and_resume_skips_those_that_do_not_load(tmp_path, small_data):
     models, log = tmp_path / "models", tmp_path / "first.log"
     data = ["--dataset_dir", str(small_data)]
@@ -180,6 +181,7 @@ def test_a_kill_while_model_pt_is_rewritten_leaves_the_previous_best_weights_who
 # ---------------------------------------------------------------- item 4: one run per ckpt_dir
 
 
+@pytest.mark.integration
 def test_a_second_training_into_a_held_ckpt_dir_is_refused_naming_the_lock_and_its_holder(tmp_path, small_data):
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
