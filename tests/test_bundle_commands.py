@@ -16,7 +16,7 @@ from monai.bundle import ConfigParser
 from tests.bundle_utils import REPO
 
 BUNDLE = REPO / "bundle"
-DOCS = (BUNDLE / "docs" / "README.md", BUNDLE / "docs" / "peers.md", REPO / "README.md")
+DOCS = (BUNDLE / "docs" / "README.md", REPO / "README.md", *sorted((REPO / "experiments").rglob("NOTES.md")))
 # arguments of monai.bundle's commands themselves, not config ids
 CLI_ARGS = {"config_file", "meta_file", "logging_file", "bundle_root", "filepath", "ckpt_file", "input_shape",
             "use_trace", "converter_kwargs", "key_in_ckpt", "net_id", "tracking", "args_file"}  # fmt: skip

@@ -11,10 +11,10 @@ import torch
 from tests.bundle_utils import REPO, SHARED_DATA
 
 sys.path.insert(0, str(REPO / "scripts"))
-from compare_models import BUNDLE, ROWS, accuracy_cells, evaluate  # noqa: E402
+from compare_models import ROWS, accuracy_cells, evaluate  # noqa: E402
 
 WEIGHTS = REPO / "bundle" / "models" / "model.pt"
-RESULTS = REPO / "bundle" / "docs" / "results.md"
+RESULTS = REPO / "experiments" / "results.md"
 ROW = "MGRAD-UNet (shipped weights)"
 
 
@@ -40,8 +40,8 @@ def test_shipped_weights_load_on_a_cpu_into_the_default_network():
 def test_evaluate_reproduces_the_model_card(tmp_path):
     # the row's own evaluation (compare_models.evaluate: the bundle's evaluate, its overrides and
     # checkpoint), without the row's inference timing, which this test does not compare
-    overrides, _, ckpt = ROWS[ROW][:3]
-    summary = evaluate(overrides, str(SHARED_DATA / "acdc"), tmp_path, "validation", ckpt=BUNDLE / ckpt)
+    row = ROWS[ROW]
+    summary = evaluate(row.overrides, str(SHARED_DATA / "acdc"), tmp_path, "validation", ckpt=row.weights)
     measured = accuracy_cells(summary)
     card = dict(zip(_row(RESULTS.read_text(), "model"), _row(RESULTS.read_text(), ROW)))
     compared = [name for name in card if name.startswith(("Dice", "IoU"))]
