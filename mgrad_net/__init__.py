@@ -18,6 +18,8 @@ _SUBMODULES = {
     "io",
     "losses",
     "networks",
+    "outputs",
+    "peers",
     "visualize",
 }
 

@@ -16,14 +16,22 @@ from monai.networks.nets.attentionunet import AttentionBlock
 
 from mgrad_net.config import run_training
 from mgrad_net.data import synthetic_disks
-from mgrad_net.engines import AdversarialStep, FeedbackTrainer, HiGMISnetLoss, SchedulerGroup
-from mgrad_net.engines.adversarial import reciprocal_loss, soft_and, soft_or
-from mgrad_net.networks import HiGMISnet
-from mgrad_net.networks.higmisnet_blocks import DualModeAttentionGate, HaarDWT
+from mgrad_net.engines import FeedbackTrainer
+from mgrad_net.peers.higmisnet import (
+    AdversarialStep,
+    DualModeAttentionGate,
+    HaarDWT,
+    HiGMISnet,
+    HiGMISnetLoss,
+    SchedulerGroup,
+    reciprocal_loss,
+    soft_and,
+    soft_or,
+)
 from tests.bundle_utils import assert_segmentations_in_inputs_geometry, config_files, run_bundle
 
 TINY = dict(spatial_dims=2, in_channels=1, features=(4, 8, 8, 16, 16, 24))
-PRESET_PARAMETERS = 1_446_658  # configs/higmisnet.json's two generators, 4 classes
+PRESET_PARAMETERS = 1_446_658  # experiments/comparison/higmisnet/override.json's two generators, 4 classes
 
 
 def _disks(count: int = 4, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +42,7 @@ def _disks(count: int = 4, size: int = 32, seed: int = 0) -> tuple[torch.Tensor,
 
 
 def _gan(classes: int = 2, lr: float = 1e-3, d_lr: float = 1e-4, **kwargs):
-    """A tiny segmenter, its two discriminators and four optimizers, as configs/higmisnet.json builds them."""
+    """A tiny segmenter, its two discriminators and four optimizers, as the comparison's override builds them."""
     torch.manual_seed(0)
     net = HiGMISnet(**TINY, out_channels=classes, **kwargs)
     ds = [PatchDiscriminator(spatial_dims=2, in_channels=1 + classes, channels=8, num_layers_d=2) for _ in range(2)]
@@ -248,9 +256,10 @@ def test_override_trains_an_epoch_infers_and_resumes_every_optimizer(tmp_path):
     """One epoch of the adversarial training on the embedded synthetic data through
     ``python -m monai.bundle``, evaluation, inference in the inputs' geometry, then ``--resume``:
     every network, optimizer and the schedule come back as saved."""
-    run_bundle("training", ["train", "higmisnet"], tmp_path, *ROI, "--max_epochs", "1",
-               "--train#slices_per_volume", "2", tiny=False)  # fmt: skip
-    ckpt_dir = tmp_path / "models" / "higmisnet"
+    ckpt_dir, output_dir = tmp_path / "models" / "higmisnet", tmp_path / "eval" / "higmisnet"
+    dirs = ["--ckpt_dir", str(ckpt_dir), "--output_dir", str(output_dir)]
+    run_bundle("training", ["train", "comparison/higmisnet"], tmp_path, *ROI, "--max_epochs", "1",
+               "--train#slices_per_volume", "2", *dirs, tiny=False)  # fmt: skip
     weights = ckpt_dir / "model.pt"
     assert weights.is_file() and not (tmp_path / "models" / "model.pt").exists()  # its own folder
     net = HiGMISnet(2, 1, 4, features=(6, 12, 24, 48, 72, 144)).eval()
@@ -261,25 +270,28 @@ def test_override_trains_an_epoch_infers_and_resumes_every_optimizer(tmp_path):
     )  # plain tensors and numbers
     assert set(saved) == set(GAN_KEYS)
     assert all(saved[k]["state"] for k in OPTIMIZERS)  # every optimizer has stepped and is saved
-    log = (tmp_path / "eval" / "higmisnet" / "training_log.csv").read_text().splitlines()
+    log = (output_dir / "training_log.csv").read_text().splitlines()
     assert len(log) == 2 and log[0].startswith("epoch")
 
     run_bundle(
-        "evaluating", ["train", "evaluate", "higmisnet"], tmp_path, *ROI, tiny=False
+        "evaluating", ["train", "evaluate", "comparison/higmisnet"], tmp_path, *ROI, *dirs, tiny=False
     )  # as compare_models.py runs it
-    summary = json.loads((tmp_path / "eval" / "higmisnet" / "summary.json").read_text())
+    summary = json.loads((output_dir / "summary.json").read_text())
     assert 0 <= summary["mean"]["dice"] <= 1
 
-    configs = ["inference", "higmisnet"]  # merges after inference.json alone (its training hooks are top-level ids)
-    run_bundle("inference", configs, tmp_path, *ROI, "--output_dir", str(tmp_path / "segs"), tiny=False)
+    configs = ["inference", "comparison/higmisnet"]  # merges after inference.json alone (training hooks: top-level)
+    run_bundle("inference", configs, tmp_path, *ROI, "--ckpt_dir", str(ckpt_dir),
+               "--output_dir", str(tmp_path / "segs"), tiny=False)  # fmt: skip
     assert_segmentations_in_inputs_geometry(tmp_path, tmp_path / "segs")
 
     # --resume, in process: the states the resumed run starts its next epoch with
     parser = ConfigParser()
-    parser.read_config(config_files("train", "higmisnet"))
+    parser.read_config(config_files("train", "comparison/higmisnet"))
     parser.update(
         {
             "bundle_root": str(tmp_path),
+            "ckpt_dir": str(ckpt_dir),
+            "output_dir": str(output_dir),
             "roi_size": [64, 64],
             "train#slices_per_volume": 2,
             "max_epochs": 2,

@@ -10,9 +10,13 @@ from monai.inferers import DiffusionInferer
 from monai.networks.utils import one_hot
 
 from mgrad_net.data import synthetic_disks
-from mgrad_net.engines import FeedbackTrainer, SegmentationDiffusionPrepareBatch
-from mgrad_net.losses import DiffusionSegmentationLoss
-from mgrad_net.networks import FFParser, MedSegDiff
+from mgrad_net.engines import FeedbackTrainer
+from mgrad_net.peers.medsegdiff import (
+    DiffusionSegmentationLoss,
+    FFParser,
+    MedSegDiff,
+    SegmentationDiffusionPrepareBatch,
+)
 from tests.bundle_utils import assert_segmentations_in_inputs_geometry, run_bundle
 
 TINY = {
@@ -75,7 +79,6 @@ def _trainer(net: MedSegDiff, loader, lr: float = 3e-3) -> FeedbackTrainer:
         optimizer=torch.optim.AdamW(net.parameters(), lr=lr),
         loss_function=DiffusionSegmentationLoss() if aux else torch.nn.MSELoss(),
         inferer=DiffusionInferer(net.noise_scheduler), prepare_batch=SegmentationDiffusionPrepareBatch(1000, 2, aux),
-        feedback_passes=1,
     )  # fmt: skip
 
 
@@ -198,10 +201,11 @@ ROI = ["--roi_size", "[64,64]"]
 def test_override_trains_an_epoch_and_infers_in_the_inputs_geometry(tmp_path):
     """One epoch on the embedded synthetic data through ``python -m monai.bundle`` (validation
     samples with DDIM), then inference merged after inference.json alone."""
-    proc = run_bundle("training", ["train", "medsegdiff"], tmp_path, *ROI, "--max_epochs", "1",
+    ckpt_dir, output_dir = tmp_path / "models" / "medsegdiff", tmp_path / "eval" / "medsegdiff"
+    proc = run_bundle("training", ["train", "comparison/medsegdiff"], tmp_path, *ROI, "--max_epochs", "1",
                       "--train#slices_per_volume", "2", "--network_def#num_inference_steps", "2",
-                      tiny=False)  # fmt: skip
-    weights = tmp_path / "models" / "medsegdiff" / "model.pt"
+                      "--ckpt_dir", str(ckpt_dir), "--output_dir", str(output_dir), tiny=False)  # fmt: skip
+    weights = ckpt_dir / "model.pt"
     assert proc.stdout.splitlines()[-5:] == [  # the run's last words: where its outputs went, and on what data
         "outputs:", f"  weights: {weights}", f"  training log: {tmp_path / 'eval' / 'medsegdiff' / 'training_log.csv'}",
         f"  tensorboard: {tmp_path / 'eval' / 'medsegdiff'}",
@@ -214,6 +218,7 @@ def test_override_trains_an_epoch_and_infers_in_the_inputs_geometry(tmp_path):
     log = (tmp_path / "eval" / "medsegdiff" / "training_log.csv").read_text().splitlines()
     assert len(log) == 2 and log[0].startswith("epoch")
 
-    run_bundle("inference", ["inference", "medsegdiff"], tmp_path, *ROI, "--output_dir", str(tmp_path / "segs"),
-               "--network_def#num_inference_steps", "2", tiny=False)  # fmt: skip
+    run_bundle("inference", ["inference", "comparison/medsegdiff"], tmp_path, *ROI, "--ckpt_dir", str(ckpt_dir),
+               "--output_dir", str(tmp_path / "segs"), "--network_def#num_inference_steps", "2",
+               tiny=False)  # fmt: skip
     assert_segmentations_in_inputs_geometry(tmp_path, tmp_path / "segs")

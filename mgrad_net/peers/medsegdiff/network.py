@@ -6,9 +6,9 @@ Segmentation with Diffusion Probabilistic Model." MIDL 2023 (arXiv:2211.00611).
 The network follows the paper (closest in public code to lucidrains' ``med-seg-diff-pytorch``, see
 ``shared/PEERS.md``), built from the blocks of MONAI's ``DiffusionModelUNet``:
 
-- :class:`FFParser`: the Feature-Frequency Parser, a learnable map on the features' spectrum (eq. 5);
-- :class:`ConditionalEncoding`: the dynamic conditional encoding's fusion of the mask features into
-  the image features at each stage (eq. 3-4), with the FF-Parser on the mask features;
+- :class:`~.blocks.FFParser`: the Feature-Frequency Parser, a learnable map on the features' spectrum (eq. 5);
+- :class:`~.blocks.ConditionalEncoding`: the dynamic conditional encoding's fusion of the mask features
+  into the image features at each stage (eq. 3-4), with the FF-Parser on the mask features;
 - :class:`MedSegDiffUNet`: the two streams sharing a timestep embedding, added at the bottleneck, and
   the decoder on the mask stream; it predicts the noise ε (eq. 2);
 - :class:`MedSegDiff`: the segmenter. In training it is the noise predictor; called on an image
@@ -38,71 +38,9 @@ from monai.networks.nets.diffusion_model_unet import (
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from monai.utils import ensure_tuple_rep
 
-__all__ = ["ConditionalEncoding", "FFParser", "MedSegDiff", "MedSegDiffUNet"]
+from mgrad_net.peers.medsegdiff.blocks import ConditionalEncoding
 
-
-class FFParser(nn.Module):
-    """The Feature-Frequency Parser (FF-Parser, eq. 5): ``m' = F⁻¹[A ⊙ F[m]]``.
-
-    ``F`` is the real FFT over the spatial axes and ``A`` a learnable real attentive map, one value
-    per channel and frequency, initialised to ones (the identity). It lets the network damp the
-    high-frequency noise of the mask features. The map has the size of the features' spectrum, so
-    the features' spatial size is fixed at construction (the bundle's ``roi_size`` at that level).
-
-    Args:
-        spatial_dims: number of spatial dimensions.
-        channels: feature channels.
-        spatial_size: the features' spatial size.
-    """
-
-    def __init__(self, spatial_dims: int, channels: int, spatial_size: Sequence[int]) -> None:
-        super().__init__()
-        self.spatial_dims = spatial_dims
-        self.spatial_size = tuple(int(s) for s in ensure_tuple_rep(spatial_size, spatial_dims))
-        spectrum = (*self.spatial_size[:-1], self.spatial_size[-1] // 2 + 1)
-        self.attentive_map = nn.Parameter(torch.ones(channels, *spectrum))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[2:]) != self.spatial_size:
-            raise ValueError(
-                f"FFParser: features of spatial size {tuple(x.shape[2:])}, but its frequency map was built for "
-                f"{self.spatial_size}; MedSegDiff takes inputs of exactly its spatial_size (the bundle's roi_size)."
-            )
-        dims = tuple(range(-self.spatial_dims, 0))
-        spectrum = torch.fft.rfftn(x.float(), dim=dims, norm="ortho")
-        out = torch.fft.irfftn(spectrum * self.attentive_map, s=self.spatial_size, dim=dims, norm="ortho")
-        return out.to(x.dtype)
-
-
-class ConditionalEncoding(nn.Module):
-    """One stage of the dynamic conditional encoding (eq. 3-4): the mask features ``m`` (after the
-    :class:`FFParser`) modulate the image features ``c`` as ``(LN(m) ⊙ LN(c)) ⊙ c``, then a
-    time-conditioned ResNet block. The result is the image stream's new features. LN is a layer norm
-    over the channels (a one-group GroupNorm). The paper's transformer on the fused map is left out
-    of the CPU preset.
-
-    Args:
-        spatial_dims: number of spatial dimensions.
-        channels: feature channels of both streams at this stage.
-        spatial_size: the stage's spatial size (for the FF-Parser).
-        temb_channels: timestep embedding channels.
-        norm_num_groups: groups of the ResNet block's GroupNorm.
-    """
-
-    def __init__(
-        self, spatial_dims: int, channels: int, spatial_size: Sequence[int], temb_channels: int, norm_num_groups: int
-    ) -> None:
-        super().__init__()
-        self.ff_parser = FFParser(spatial_dims, channels, spatial_size)
-        self.norm_mask = Norm[Norm.GROUP, spatial_dims](num_groups=1, num_channels=channels)
-        self.norm_image = Norm[Norm.GROUP, spatial_dims](num_groups=1, num_channels=channels)
-        self.block = DiffusionUNetResnetBlock(
-            spatial_dims, channels, temb_channels, channels, norm_num_groups=norm_num_groups
-        )
-
-    def forward(self, mask: torch.Tensor, image: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        fused = self.norm_mask(self.ff_parser(mask)) * self.norm_image(image) * image
-        return self.block(fused, emb)
+__all__ = ["MedSegDiff", "MedSegDiffUNet"]
 
 
 class MedSegDiffUNet(nn.Module):

@@ -17,8 +17,6 @@ Everything trainable is made of MONAI's ``Convolution`` blocks, ``Norm``/``Act``
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,7 +24,9 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Act, Norm
 from monai.networks.nets.attentionunet import AttentionBlock
 
-__all__ = ["HaarDWT", "WaveletConvBlock", "MultiResBlock", "ResPath", "GateMaps", "DualModeAttentionGate"]
+from mgrad_net.outputs import GateMaps
+
+__all__ = ["HaarDWT", "WaveletConvBlock", "MultiResBlock", "ResPath", "DualModeAttentionGate"]
 
 
 def _check_2d(spatial_dims: int, name: str) -> None:
@@ -192,14 +192,6 @@ class ResPath(nn.Module):
         for conv, shortcut, norm in zip(self.convs, self.shortcuts, self.norms):
             x = norm(self.act(conv(x) + shortcut(x)))
         return x
-
-
-class GateMaps(NamedTuple):
-    """The two attention maps of a :class:`DualModeAttentionGate`, as logits (``sigmoid`` gives
-    the maps): ``additive`` for σ(ψ(ReLU(θx + φg))), ``subtractive`` for 1 − σ(ψ(ReLU(θx − φg)))."""
-
-    additive: torch.Tensor
-    subtractive: torch.Tensor
 
 
 class DualModeAttentionGate(nn.Module):
