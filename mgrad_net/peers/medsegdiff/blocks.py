@@ -51,9 +51,11 @@ class FFParser(nn.Module):
 class ConditionalEncoding(nn.Module):
     """One stage of the dynamic conditional encoding (eq. 3-4): the mask features ``m`` (after the
     :class:`FFParser`) modulate the image features ``c`` as ``(LN(m) ⊙ LN(c)) ⊙ c``, then a
-    time-conditioned ResNet block. The result is the image stream's new features. LN is a layer norm
-    over the channels (a one-group GroupNorm). The paper's transformer on the fused map is left out
-    of the CPU preset.
+    time-conditioned ResNet block. The result is the image stream's new features. "LN" here is a
+    one-group ``GroupNorm``: each sample is normalised over all its channels and positions together
+    (C×H×W, one mean and variance per sample), with a learnable scale and shift per channel; it is
+    not a per-pixel layer norm over the channels alone. The paper's transformer on the fused map is
+    left out of the CPU preset.
 
     Args:
         spatial_dims: number of spatial dimensions.
