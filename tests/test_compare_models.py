@@ -102,6 +102,15 @@ def test_rows_are_read_from_the_experiment_folders_each_with_its_own_weights_log
     assert two.ids == {"network_def#num_inference_steps": 2}
 
 
+def test_a_row_whose_weights_no_longer_fit_its_network_is_left_for_retraining():
+    # Hi-gMISnet's gate lost ψ's BatchNorm (#46): the weights trained before do not load; another
+    # row's weights still do
+    from compare_models import weights_misfit
+
+    assert "psi" in weights_misfit(ROWS["Hi-gMISnet"])
+    assert weights_misfit(ROWS["SwinUNETR"]) is None
+
+
 def test_rows_are_named_by_commas_and_a_name_may_hold_one():
     given = "MGRAD-UNet (shipped weights),MGRAD-UNet, 3 feedback passes at inference,BasicUNet (baseline)"
     assert row_names(given) == ["MGRAD-UNet (shipped weights)", "MGRAD-UNet, 3 feedback passes at inference",

@@ -31,7 +31,7 @@ from mgrad_net.peers.higmisnet import (
 from tests.bundle_utils import assert_segmentations_in_inputs_geometry, config_files, run_bundle
 
 TINY = dict(spatial_dims=2, in_channels=1, features=(4, 8, 8, 16, 16, 24))
-PRESET_PARAMETERS = 1_446_658  # experiments/comparison/higmisnet/override.json's two generators, 4 classes
+PRESET_PARAMETERS = 1_446_618  # experiments/comparison/higmisnet/override.json's two generators, 4 classes
 
 
 def _disks(count: int = 4, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +87,8 @@ def test_haar_dwt_is_exact_and_inverts():
 
 
 def _identity_gate() -> DualModeAttentionGate:
-    """A gate with 1-channel halves whose θ, φ are identities and ψ(z) = 10 z (BN at its initial
-    running statistics, eval mode)."""
+    """A gate with 1-channel halves whose θ, φ are identities (their BN at its initial running
+    statistics, eval mode) and ψ(z) = 10 z (a conv alone, as the notebook's)."""
     gate = DualModeAttentionGate(2, skip_channels=2, gate_channels=2, inter_channels=2).eval()
     with torch.no_grad():
         for block in (gate.additive, gate.subtractive):
@@ -111,7 +111,7 @@ def test_dual_mode_gate_halves_behave_as_stated():
     alpha, beta = torch.sigmoid(maps.additive)[0, 0], torch.sigmoid(maps.subtractive)[0, 0]
     top_left, top_right, bottom_left, bottom_right = (alpha[:4, :4], alpha[:4, 4:], alpha[4:, :4], alpha[4:, 4:])
     # additive: σ(ψ(ReLU(θx + φg))): high wherever skip or gate is on, highest where both are, 0.5 where neither
-    s = torch.sigmoid(torch.tensor(10.0 / (1 + 1e-5)))  # θ, φ and ψ each pass one eval-mode BN
+    s = torch.sigmoid(torch.tensor(10.0 / (1 + 1e-5) ** 0.5))  # θ and φ each pass one eval-mode BN, ψ none
     torch.testing.assert_close(bottom_right, torch.full((4, 4), 0.5))
     assert bool((top_right > 0.99).all() and (bottom_left > 0.99).all() and (top_left >= top_right).all())
     torch.testing.assert_close(bottom_left, torch.full((4, 4), float(s)))
@@ -121,6 +121,16 @@ def test_dual_mode_gate_halves_behave_as_stated():
     assert bool((b_bl < 0.01).all())
     for region in (b_tl, b_tr, b_br):  # θx ≤ φg: ReLU gives 0, β = 1 − σ(0) = 0.5
         torch.testing.assert_close(region, torch.full((4, 4), 0.5))
+
+
+def test_gate_psi_is_the_notebooks_conv_then_sigmoid():
+    # the deep-supervised maps are σ(conv(ReLU(θx ± φg))): no BatchNorm before the sigmoid (MONAI's
+    # AttentionBlock has one there, the notebook has none)
+    gate = DualModeAttentionGate(2, skip_channels=6, gate_channels=8, inter_channels=4)
+    for block in (gate.additive, gate.subtractive):
+        assert [type(m).__name__ for m in block.psi] == ["Convolution", "Sigmoid"]
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in block.psi.modules())
+    assert not any(".psi.1." in k for k in gate.state_dict())
 
 
 def test_additive_half_is_monais_attention_block():

@@ -203,7 +203,10 @@ class DualModeAttentionGate(nn.Module):
         α = σ(ψ(ReLU(θ·x₁ + φ·g₁))),    y₁ = α · x₁,
 
     computed by MONAI's :class:`~monai.networks.nets.attentionunet.AttentionBlock` (θ = ``W_x``,
-    φ = ``W_g``, ψ = ``psi``; ``y₁`` is exactly that block's output). The second halves get the
+    φ = ``W_g``, ψ = ``psi``; ``y₁`` is exactly that block's output). ψ is the notebook's, a 1×1
+    convolution to one channel and the sigmoid: MONAI's block puts a BatchNorm between the two,
+    which is taken out here (θ and φ keep MONAI's conv + BN), so the deep-supervised map is
+    σ(conv(·)) as in the notebook. The second halves get the
     subtractive (background) gate, built from a second ``AttentionBlock``'s θ, φ, ψ:
 
         β = 1 − σ(ψ(ReLU(θ·x₂ − φ·g₂))),    y₂ = β · x₂,
@@ -239,6 +242,9 @@ class DualModeAttentionGate(nn.Module):
         self.subtractive = AttentionBlock(
             spatial_dims, f_int=inter, f_g=gate_channels - self.g_split, f_l=skip_channels - self.x_split
         )
+        for block in (self.additive, self.subtractive):  # ψ: conv → sigmoid, without MONAI's BatchNorm
+            conv, _, sigmoid = block.psi
+            block.psi = nn.Sequential(conv, sigmoid)
         self.mix = Convolution(spatial_dims, skip_channels, skip_channels, kernel_size=1, norm=Norm.BATCH, act=Act.RELU)
 
     @staticmethod
