@@ -26,6 +26,8 @@ _SUBMODULES = {
     "io",
     "losses",
     "networks",
+    "outputs",
+    "peers",
     "visualize",
 }
 

@@ -184,7 +184,7 @@ class AtomicNibabelWriter(NibabelWriter):
 
 
 def read_pretrained_state(path: str | os.PathLike) -> dict:
-    """The state dict in the local weights file ``path`` (a networks' ``pretrained_path``): bare or
+    """The state dict in the local weights file ``path`` (see :func:`mgrad_net.checkpoints.load_pretrained`): bare or
     under ``model`` / ``state_dict``, DistributedDataParallel's ``module.`` prefixes removed.
 
     Raises:
@@ -194,14 +194,14 @@ def read_pretrained_state(path: str | os.PathLike) -> dict:
 
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
-        raise CheckpointError(f"pretrained_path {path!r} is not a file (local weights only: nothing is downloaded).")
+        raise CheckpointError(f"pretrained weights {path!r} is not a file (local weights only: nothing is downloaded).")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
-        raise CheckpointError(f"pretrained_path {path!r} could not be read as PyTorch weights: {e}") from e
+        raise CheckpointError(f"pretrained weights {path!r} could not be read as PyTorch weights: {e}") from e
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise CheckpointError(f"pretrained_path {path!r} holds no state dict.")
+        raise CheckpointError(f"pretrained weights {path!r} holds no state dict.")
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}

@@ -5,7 +5,6 @@
   L_seg(Σ_{i∈s} S_i) (eq. 11, Algorithm 1).
 - :class:`WeightedSideLoss`: Σ w_i·L_seg(S_i) (eq. 13).
 - :class:`MGRADLoss`: L_seg(P_1) + L_seg(P_2) + one of the two side losses.
-- :class:`DiffusionSegmentationLoss`: the peer MedSegDiff's noise MSE plus its auxiliary head's.
 
 Targets may be class indices (B×1×spatial) or one-hot (B×K×spatial).
 """
@@ -20,14 +19,13 @@ import torch.nn as nn
 from monai.losses import DiceCELoss
 from monai.networks.utils import one_hot
 
-from mgrad_net.networks.mgrad_unet import MGRADOutput
+from mgrad_net.outputs import MGRADOutput
 
 __all__ = [
     "SegmentationLoss",
     "AggregatedLoss",
     "WeightedSideLoss",
     "MGRADLoss",
-    "DiffusionSegmentationLoss",
     "subset_matrix",
 ]
 
@@ -290,31 +288,3 @@ class MGRADLoss(nn.Module):
         if self.side_loss is not None and len(output.side) > 0:
             loss = loss + self.side_loss(output.side, target)
         return loss
-
-
-class DiffusionSegmentationLoss(nn.Module):
-    """MedSegDiff's loss with its auxiliary head: ``MSE(ε̂, ε) + aux_weight · MSE(x̂_0, x_0)``.
-
-    The first term is the paper's noise prediction loss (eq. 2); the second trains the official
-    code's auxiliary segmentation head (``train_util.py`` weighs it 10). ``input`` and ``target`` each
-    hold the two maps one after the other along the channels (``cat([ε, x_0])``, as
-    :class:`mgrad_net.networks.MedSegDiffUNet` with ``aux_head`` and
-    :class:`mgrad_net.engines.SegmentationDiffusionPrepareBatch` with ``aux_target`` give them).
-
-    Args:
-        aux_weight: the auxiliary head's weight.
-    """
-
-    def __init__(self, aux_weight: float = 10.0) -> None:
-        super().__init__()
-        self.aux_weight = float(aux_weight)
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if input.shape != target.shape or input.shape[1] % 2:
-            raise ValueError(
-                f"DiffusionSegmentationLoss: input {tuple(input.shape)} and target {tuple(target.shape)} must both "
-                "be cat([noise, x_0]) (an even channel count): the network needs aux_head and the batch aux_target."
-            )
-        eps, x0 = input.chunk(2, dim=1)
-        noise, label = target.chunk(2, dim=1)
-        return nn.functional.mse_loss(eps, noise) + self.aux_weight * nn.functional.mse_loss(x0, label)

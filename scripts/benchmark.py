@@ -171,8 +171,9 @@ def measure_train(
     checkpointing: str = "none", channels_last: bool = False, amp: str | None = None, preset: bool = False,
     compile_loss: bool = False, device: str | None = None,
 ) -> dict:  # fmt: skip
-    """``steps`` iterations of ``FeedbackTrainer`` (``passes`` passes a batch; plain steps for
-    BasicUNet) over one in-memory batch, with the bundle's loss and optimizer; ``amp``
+    """``steps`` iterations of ``FeedbackTrainer`` (``passes`` passes a batch; for BasicUNet, which
+    the trainer gives one plain step an iteration, ``passes`` iterations make a step) over one
+    in-memory batch, with the bundle's loss and optimizer; ``amp``
     (``"bfloat16"``) as the trainer's ``amp`` with that dtype; ``compile_loss`` as the trainer's.
 
     ``seconds`` is the median of the steps after the first (a step as training repeats it: the
@@ -192,9 +193,12 @@ def measure_train(
     image = torch.randn(batch, 1, size, size)
     label = torch.randint(0, classes, (batch, 1, size, size)).float()
     model = _network(net, classes, dev, preset, checkpointing, channels_last).train()
+    # a network without feedback takes one plain step a batch whatever feedback_passes says: the
+    # batch comes `passes` times in a row instead, and those iterations make one step
+    per_step = 1 if callable(getattr(model, "feedback", None)) else passes
     trainer = FeedbackTrainer(
         device=dev, max_epochs=1, network=model, loss_function=loss, feedback_passes=passes,
-        train_data_loader=DataLoader([{"image": i, "label": t} for i, t in zip(image, label)] * steps,
+        train_data_loader=DataLoader([{"image": i, "label": t} for i, t in zip(image, label)] * steps * per_step,
                                      batch_size=batch),
         optimizer=torch.optim.AdamW(model.parameters(), 1e-4, weight_decay=1e-4),
         amp=bool(amp), amp_kwargs={"dtype": getattr(torch, amp)} if amp else None, compile_loss=compile_loss,
@@ -203,6 +207,7 @@ def measure_train(
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda _: times.append(-_now(dev)))
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: times.append(times.pop() + _now(dev)))
     trainer.run()
+    times = [sum(times[i : i + per_step]) for i in range(0, len(times), per_step)]
     rss = _peak_gb(dev)
     with FlopCounterMode(display=False) as counter:  # a copy without checkpointing: no recomputation counted
         loss(_network(net, classes, dev, preset)(image[:1].to(dev)), label[:1].to(dev)).backward()

@@ -9,7 +9,9 @@ bundle's evaluation (``configs/train.json`` + ``configs/evaluate.json`` + the fo
 ``summary.json`` it writes. Each row also gives its training minutes and the minutes to first
 reach 0.85 and 0.90 validation Dice (from its training logs), and the seconds per volume of the
 bundle's ``inference`` with the same overrides. Rows whose checkpoint is missing are listed as not
-trained. Distances (HD95, ASD) are in mm where the data carries its spacing and in voxels where it
+trained, rows whose checkpoint no longer fits the network the config builds (a network changed
+since, e.g. Hi-gMISnet's gate in #46) as to be retrained; both are left out of the table.
+Distances (HD95, ASD) are in mm where the data carries its spacing and in voxels where it
 has none (the shared ACDC copy), as each row's ``summary.json`` says; the header names the unit.
 The table is printed and, with ``--markdown``, written to a file (the model card's results table).
 
@@ -124,6 +126,19 @@ def network_size(overrides: Sequence[Path | str], ids: dict | None = None) -> tu
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         net(torch.zeros(1, in_channels, *roi_size))
     return sum(p.numel() for p in net.parameters()), counter.get_total_flops() / 1e9, roi_size
+
+
+def weights_misfit(row: Row) -> str | None:
+    """Why the row's weights do not load into the network its config builds (one line), or ``None``
+    when they do: a network changed since they were trained has to be trained again."""
+    from mgrad_net.checkpoints import check_weights
+    from mgrad_net.errors import CheckpointError
+
+    try:
+        check_weights(row.weights, _network(row.overrides, row.ids)[0])
+    except CheckpointError as err:
+        return str(err)
+    return None
 
 
 def size_table(chosen: list[str]) -> str:
@@ -328,6 +343,10 @@ def results_table(
         overrides, logs, ckpt = row.overrides, list(row.logs), row.weights
         if not ckpt.is_file():
             print(f"{name}: not trained ({ckpt.relative_to(REPO)} missing), skipped", file=sys.stderr)
+            continue
+        misfit = weights_misfit(row)
+        if misfit:
+            print(f"{name}: to be retrained, its weights no longer fit its network, skipped: {misfit}", file=sys.stderr)
             continue
         ids = {"amp": False, **row.ids}
         if ids["amp"] and not native_mixed_precision("cuda" if torch.cuda.is_available() else "cpu"):

@@ -168,6 +168,18 @@ def test_the_baselines_shipped_recipe_row_samples_as_mgrad_unets():
     assert parser.get_parsed_content("train#sample_size") == [128, 128, 1]
 
 
+@pytest.mark.parametrize("name", ["basicunet", "swinunetr", "swinunetr_reca", "medsegdiff", "higmisnet"])
+def test_a_network_without_feedback_says_nothing_of_feedback_passes(name):
+    # its training step takes one plain step a batch whatever feedback_passes is (FeedbackStep), so
+    # its config need not, and does not, set it; full_size.json's 3 merged before it changes nothing
+    override = json.loads(_OVERRIDES[f"comparison/{name}"].read_text())
+    assert "feedback_passes" not in override
+    parser = ConfigParser()
+    parser.read_config(config_files("train", "full_size", f"comparison/{name}"))
+    assert parser.get_parsed_content("feedback_passes") == 3
+    assert not hasattr(parser.get_parsed_content("network_def"), "feedback")
+
+
 def test_merges_cover_every_config_but_the_two_entry_configs():
     named = {o for o, _ in _merges()}
     assert set(_OVERRIDES) - {"inference", "train", "metadata"} <= named

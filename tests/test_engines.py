@@ -13,7 +13,7 @@ from monai.transforms import AsDiscreted, Compose
 from mgrad_net.data import synthetic_disks
 from mgrad_net.engines import FeedbackStep, FeedbackTrainer
 from mgrad_net.losses import MGRADLoss
-from mgrad_net.networks import MGRADOutput
+from mgrad_net.outputs import MGRADOutput
 from tests.conftest import tiny_net
 
 CPU = torch.device("cpu")
@@ -106,12 +106,16 @@ def test_amp_trains_on_the_available_device():
     _assert_two_passes_train(amp=True)
 
 
-def test_baseline_network_without_feedback_trains_with_the_same_engine():
+@pytest.mark.parametrize("passes", [1, 3])
+def test_a_network_without_feedback_takes_one_plain_step_a_batch_whatever_feedback_passes(passes):
+    # feedback_passes means nothing to a baseline or a peer: a config that leaves it at MGRAD-UNet's 3
+    # (full_size.json) must not train such a network three times on each batch
     net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4))
-    trainer = _trainer(net, passes=2)
+    trainer = _trainer(net, passes=passes)
     rec = _Recorder(net, trainer)
     trainer.run()
-    assert rec.steps == 4 and rec.feedbacks == [None] * 4
+    assert rec.steps == 2 and rec.feedbacks == [None, None]  # two batches: two forwards, two steps
+    assert len(trainer.state.pass_losses) == 1
 
 
 def test_feedback_step_runs_in_monai_supervised_trainer_as_in_feedback_trainer():

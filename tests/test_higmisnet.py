@@ -16,14 +16,22 @@ from monai.networks.nets.attentionunet import AttentionBlock
 
 from mgrad_net.config import run_training
 from mgrad_net.data import synthetic_disks
-from mgrad_net.engines import AdversarialStep, FeedbackTrainer, HiGMISnetLoss, SchedulerGroup
-from mgrad_net.engines.adversarial import reciprocal_loss, soft_and, soft_or
-from mgrad_net.networks import HiGMISnet
-from mgrad_net.networks.higmisnet_blocks import DualModeAttentionGate, HaarDWT
+from mgrad_net.engines import FeedbackTrainer
+from mgrad_net.peers.higmisnet import (
+    AdversarialStep,
+    DualModeAttentionGate,
+    HaarDWT,
+    HiGMISnet,
+    HiGMISnetLoss,
+    SchedulerGroup,
+    reciprocal_loss,
+    soft_and,
+    soft_or,
+)
 from tests.bundle_utils import assert_segmentations_in_inputs_geometry, config_files, run_bundle
 
 TINY = dict(spatial_dims=2, in_channels=1, features=(4, 8, 8, 16, 16, 24))
-PRESET_PARAMETERS = 1_446_658  # configs/higmisnet.json's two generators, 4 classes
+PRESET_PARAMETERS = 1_446_618  # experiments/comparison/higmisnet/override.json's two generators, 4 classes
 
 
 def _disks(count: int = 4, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +42,7 @@ def _disks(count: int = 4, size: int = 32, seed: int = 0) -> tuple[torch.Tensor,
 
 
 def _gan(classes: int = 2, lr: float = 1e-3, d_lr: float = 1e-4, **kwargs):
-    """A tiny segmenter, its two discriminators and four optimizers, as configs/higmisnet.json builds them."""
+    """A tiny segmenter, its two discriminators and four optimizers, as the comparison's override builds them."""
     torch.manual_seed(0)
     net = HiGMISnet(**TINY, out_channels=classes, **kwargs)
     ds = [PatchDiscriminator(spatial_dims=2, in_channels=1 + classes, channels=8, num_layers_d=2) for _ in range(2)]
@@ -79,8 +87,8 @@ def test_haar_dwt_is_exact_and_inverts():
 
 
 def _identity_gate() -> DualModeAttentionGate:
-    """A gate with 1-channel halves whose θ, φ are identities and ψ(z) = 10 z (BN at its initial
-    running statistics, eval mode)."""
+    """A gate with 1-channel halves whose θ, φ are identities (their BN at its initial running
+    statistics, eval mode) and ψ(z) = 10 z (a conv alone, as the notebook's)."""
     gate = DualModeAttentionGate(2, skip_channels=2, gate_channels=2, inter_channels=2).eval()
     with torch.no_grad():
         for block in (gate.additive, gate.subtractive):
@@ -103,7 +111,7 @@ def test_dual_mode_gate_halves_behave_as_stated():
     alpha, beta = torch.sigmoid(maps.additive)[0, 0], torch.sigmoid(maps.subtractive)[0, 0]
     top_left, top_right, bottom_left, bottom_right = (alpha[:4, :4], alpha[:4, 4:], alpha[4:, :4], alpha[4:, 4:])
     # additive: σ(ψ(ReLU(θx + φg))): high wherever skip or gate is on, highest where both are, 0.5 where neither
-    s = torch.sigmoid(torch.tensor(10.0 / (1 + 1e-5)))  # θ, φ and ψ each pass one eval-mode BN
+    s = torch.sigmoid(torch.tensor(10.0 / (1 + 1e-5) ** 0.5))  # θ and φ each pass one eval-mode BN, ψ none
     torch.testing.assert_close(bottom_right, torch.full((4, 4), 0.5))
     assert bool((top_right > 0.99).all() and (bottom_left > 0.99).all() and (top_left >= top_right).all())
     torch.testing.assert_close(bottom_left, torch.full((4, 4), float(s)))
@@ -113,6 +121,16 @@ def test_dual_mode_gate_halves_behave_as_stated():
     assert bool((b_bl < 0.01).all())
     for region in (b_tl, b_tr, b_br):  # θx ≤ φg: ReLU gives 0, β = 1 − σ(0) = 0.5
         torch.testing.assert_close(region, torch.full((4, 4), 0.5))
+
+
+def test_gate_psi_is_the_notebooks_conv_then_sigmoid():
+    # the deep-supervised maps are σ(conv(ReLU(θx ± φg))): no BatchNorm before the sigmoid (MONAI's
+    # AttentionBlock has one there, the notebook has none)
+    gate = DualModeAttentionGate(2, skip_channels=6, gate_channels=8, inter_channels=4)
+    for block in (gate.additive, gate.subtractive):
+        assert [type(m).__name__ for m in block.psi] == ["Convolution", "Sigmoid"]
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in block.psi.modules())
+    assert not any(".psi.1." in k for k in gate.state_dict())
 
 
 def test_additive_half_is_monais_attention_block():
@@ -249,9 +267,10 @@ def test_override_trains_an_epoch_infers_and_resumes_every_optimizer(tmp_path):
     """One epoch of the adversarial training on the embedded synthetic data through
     ``python -m monai.bundle``, evaluation, inference in the inputs' geometry, then ``--resume``:
     every network, optimizer and the schedule come back as saved."""
-    run_bundle("training", ["train", "higmisnet"], tmp_path, *ROI, "--max_epochs", "1",
-               "--train#slices_per_volume", "2", tiny=False)  # fmt: skip
-    ckpt_dir = tmp_path / "models" / "higmisnet"
+    ckpt_dir, output_dir = tmp_path / "models" / "higmisnet", tmp_path / "eval" / "higmisnet"
+    dirs = ["--ckpt_dir", str(ckpt_dir), "--output_dir", str(output_dir)]
+    run_bundle("training", ["train", "comparison/higmisnet"], tmp_path, *ROI, "--max_epochs", "1",
+               "--train#slices_per_volume", "2", *dirs, tiny=False)  # fmt: skip
     weights = ckpt_dir / "model.pt"
     assert weights.is_file() and not (tmp_path / "models" / "model.pt").exists()  # its own folder
     net = HiGMISnet(2, 1, 4, features=(6, 12, 24, 48, 72, 144)).eval()
@@ -262,25 +281,28 @@ def test_override_trains_an_epoch_infers_and_resumes_every_optimizer(tmp_path):
     )  # plain tensors and numbers
     assert set(saved) == set(GAN_KEYS)
     assert all(saved[k]["state"] for k in OPTIMIZERS)  # every optimizer has stepped and is saved
-    log = (tmp_path / "eval" / "higmisnet" / "training_log.csv").read_text().splitlines()
+    log = (output_dir / "training_log.csv").read_text().splitlines()
     assert len(log) == 2 and log[0].startswith("epoch")
 
     run_bundle(
-        "evaluating", ["train", "evaluate", "higmisnet"], tmp_path, *ROI, tiny=False
+        "evaluating", ["train", "evaluate", "comparison/higmisnet"], tmp_path, *ROI, *dirs, tiny=False
     )  # as compare_models.py runs it
-    summary = json.loads((tmp_path / "eval" / "higmisnet" / "summary.json").read_text())
+    summary = json.loads((output_dir / "summary.json").read_text())
     assert 0 <= summary["mean"]["dice"] <= 1
 
-    configs = ["inference", "higmisnet"]  # merges after inference.json alone (its training hooks are top-level ids)
-    run_bundle("inference", configs, tmp_path, *ROI, "--output_dir", str(tmp_path / "segs"), tiny=False)
+    configs = ["inference", "comparison/higmisnet"]  # merges after inference.json alone (training hooks: top-level)
+    run_bundle("inference", configs, tmp_path, *ROI, "--ckpt_dir", str(ckpt_dir),
+               "--output_dir", str(tmp_path / "segs"), tiny=False)  # fmt: skip
     assert_segmentations_in_inputs_geometry(tmp_path, tmp_path / "segs")
 
     # --resume, in process: the states the resumed run starts its next epoch with
     parser = ConfigParser()
-    parser.read_config(config_files("train", "higmisnet"))
+    parser.read_config(config_files("train", "comparison/higmisnet"))
     parser.update(
         {
             "bundle_root": str(tmp_path),
+            "ckpt_dir": str(ckpt_dir),
+            "output_dir": str(output_dir),
             "roi_size": [64, 64],
             "train#slices_per_volume": 2,
             "max_epochs": 2,

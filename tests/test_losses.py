@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mgrad_net.losses import AggregatedLoss, MGRADLoss, SegmentationLoss, WeightedSideLoss, subset_matrix
-from mgrad_net.networks import MGRADOutput
+from mgrad_net.outputs import MGRADOutput
 
 
 def published_seg_loss(logits, target, w_dice=0.7, w_ce=0.3):

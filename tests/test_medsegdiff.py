@@ -10,9 +10,13 @@ from monai.inferers import DiffusionInferer
 from monai.networks.utils import one_hot
 
 from mgrad_net.data import synthetic_disks
-from mgrad_net.engines import FeedbackTrainer, SegmentationDiffusionPrepareBatch
-from mgrad_net.losses import DiffusionSegmentationLoss
-from mgrad_net.networks import FFParser, MedSegDiff
+from mgrad_net.engines import FeedbackTrainer
+from mgrad_net.peers.medsegdiff import (
+    DiffusionSegmentationLoss,
+    FFParser,
+    MedSegDiff,
+    SegmentationDiffusionPrepareBatch,
+)
 from tests.bundle_utils import assert_segmentations_in_inputs_geometry, run_bundle
 
 TINY = {
@@ -75,7 +79,6 @@ def _trainer(net: MedSegDiff, loader, lr: float = 3e-3) -> FeedbackTrainer:
         optimizer=torch.optim.AdamW(net.parameters(), lr=lr),
         loss_function=DiffusionSegmentationLoss() if aux else torch.nn.MSELoss(),
         inferer=DiffusionInferer(net.noise_scheduler), prepare_batch=SegmentationDiffusionPrepareBatch(1000, 2, aux),
-        feedback_passes=1,
     )  # fmt: skip
 
 
@@ -179,6 +182,44 @@ def test_overfits_a_few_synthetic_slices_with_the_default_steps(aux_head):
 # ---------------------------------------------------------------- sampling
 
 
+class _Oracle(torch.nn.Module):
+    """A noise predictor that knows ``x_0``: for its input ``x_t`` at ``t`` it returns the exact noise
+    ``(x_t − √ᾱ_t x_0) / √(1 − ᾱ_t)`` (with ``aux``, followed by ``x_0`` itself) and records ``t`` and
+    that noise."""
+
+    def __init__(self, x0: torch.Tensor, alphas: torch.Tensor, aux: bool) -> None:
+        super().__init__()
+        self.x0, self.alphas, self.aux, self.calls = x0, alphas.double(), aux, []
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context=None) -> torch.Tensor:
+        t = int(timesteps[0])
+        a = self.alphas[t]
+        eps = (x[:, : self.x0.shape[1]] - a.sqrt() * self.x0) / (1 - a).sqrt()
+        self.calls.append((t, eps))
+        return torch.cat([eps, self.x0], dim=1) if self.aux else eps
+
+
+@pytest.mark.parametrize("aux_head", [False, True], ids=["noise", "aux_head"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 16])
+def test_each_sampling_step_moves_the_sample_to_the_noise_level_of_the_next_call(steps, aux_head):
+    """With an oracle network, deterministic DDIM keeps the noise ε of the starting sample: every call
+    then gets ``x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε`` for the very t it is called with, and the result is x_0.
+    (MONAI 1.6's DDIM alone moved the sample to 999 − 1000 // N and called the network at its
+    linspace timesteps: for N = 2 at t = 0 on a sample with the noise of t = 499.)"""
+    net = MedSegDiff(**{**TINY, "num_inference_steps": steps}, aux_head=aux_head, aux_blend=0.5).eval()
+    image = torch.rand(2, 1, 32, 32, dtype=torch.float64)
+    x0 = (one_hot(_disks(2)[1].long(), 2, dim=1) * 2 - 1).double()
+    net.unet = _Oracle(x0, net.sampler.alphas_cumprod, aux_head)
+    out = net(image)
+    (t0, eps0), *later = net.unet.calls
+    for t, eps in later:  # the noise the sample carries, read at the level of the call's timestep
+        torch.testing.assert_close(eps, eps0, rtol=0, atol=1e-6, msg=f"call at t = {t}")
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-6)
+    expected = [(2000 * (steps - i) + steps) // (2 * steps) - 1 for i in range(steps)]  # trailing: T − 1 first
+    assert [t for t, _ in net.unet.calls] == expected
+    assert expected[0] == 999 and (steps != 2 or expected == [999, 499])
+
+
 def test_seeded_sampling_is_deterministic_whatever_the_rng_state_or_batch():
     torch.manual_seed(0)
     net = MedSegDiff(**{**TINY, "num_inference_steps": 4, "num_ensemble": 2}).eval()
@@ -203,10 +244,11 @@ ROI = ["--roi_size", "[64,64]"]
 def test_override_trains_an_epoch_and_infers_in_the_inputs_geometry(tmp_path):
     """One epoch on the embedded synthetic data through ``python -m monai.bundle`` (validation
     samples with DDIM), then inference merged after inference.json alone."""
-    proc = run_bundle("training", ["train", "medsegdiff"], tmp_path, *ROI, "--max_epochs", "1",
+    ckpt_dir, output_dir = tmp_path / "models" / "medsegdiff", tmp_path / "eval" / "medsegdiff"
+    proc = run_bundle("training", ["train", "comparison/medsegdiff"], tmp_path, *ROI, "--max_epochs", "1",
                       "--train#slices_per_volume", "2", "--network_def#num_inference_steps", "2",
-                      tiny=False)  # fmt: skip
-    weights = tmp_path / "models" / "medsegdiff" / "model.pt"
+                      "--ckpt_dir", str(ckpt_dir), "--output_dir", str(output_dir), tiny=False)  # fmt: skip
+    weights = ckpt_dir / "model.pt"
     assert proc.stdout.splitlines()[-5:] == [  # the run's last words: where its outputs went, and on what data
         "outputs:", f"  weights: {weights}", f"  training log: {tmp_path / 'eval' / 'medsegdiff' / 'training_log.csv'}",
         f"  tensorboard: {tmp_path / 'eval' / 'medsegdiff'}",
@@ -219,6 +261,7 @@ def test_override_trains_an_epoch_and_infers_in_the_inputs_geometry(tmp_path):
     log = (tmp_path / "eval" / "medsegdiff" / "training_log.csv").read_text().splitlines()
     assert len(log) == 2 and log[0].startswith("epoch")
 
-    run_bundle("inference", ["inference", "medsegdiff"], tmp_path, *ROI, "--output_dir", str(tmp_path / "segs"),
-               "--network_def#num_inference_steps", "2", tiny=False)  # fmt: skip
+    run_bundle("inference", ["inference", "comparison/medsegdiff"], tmp_path, *ROI, "--ckpt_dir", str(ckpt_dir),
+               "--output_dir", str(tmp_path / "segs"), "--network_def#num_inference_steps", "2",
+               tiny=False)  # fmt: skip
     assert_segmentations_in_inputs_geometry(tmp_path, tmp_path / "segs")

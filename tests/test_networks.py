@@ -9,8 +9,9 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mgrad_net.losses import MGRADLoss
-from mgrad_net.networks import MGRADOutput, MGRADUNet
+from mgrad_net.networks import MGRADUNet
 from mgrad_net.networks.decoders import upsample_levels
+from mgrad_net.outputs import MGRADOutput
 from tests.conftest import tiny_net
 
 

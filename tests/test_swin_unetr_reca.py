@@ -13,11 +13,11 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import WindowAttention
 
+from mgrad_net.checkpoints import load_pretrained
 from mgrad_net.data import synthetic_disks
 from mgrad_net.errors import CheckpointError
-from mgrad_net.networks import SwinUNETRRecA
-from mgrad_net.networks.swin_unetr_reca import RecAWindowAttention
-from tests.bundle_utils import CONFIGS, assert_segmentations_in_inputs_geometry, run_bundle
+from mgrad_net.peers.swin_unetr_reca import RecAWindowAttention, SwinUNETRRecA
+from tests.bundle_utils import CONFIGS, assert_segmentations_in_inputs_geometry, config_files, run_bundle
 
 # small enough for a CPU test; two blocks per stage, so the memory reaches a second block
 TINY = dict(in_channels=1, out_channels=3, spatial_dims=2, feature_size=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
@@ -112,19 +112,32 @@ def test_a_size_off_the_rule_is_an_error_naming_it():
         net(torch.rand(1, 2, 64, 64))
 
 
-def test_pretrained_path_loads_local_weights_only(tmp_path):
+def test_load_from_takes_a_loaded_state_dict_and_says_what_it_loaded():
+    ref = _monai(seed=3)
+    net = SwinUNETRRecA(**TINY, reca=False).eval()
+    loaded, skipped = net.load_from(ref.state_dict())  # MONAI's SwinUNETR's state dict: every tensor fits
+    assert len(loaded) == len(ref.state_dict()) and not skipped
+    assert torch.equal(_out(net, X), _out(ref, X))
+    encoder = {k[len("swinViT.") :]: v for k, v in ref.state_dict().items() if k.startswith("swinViT.")}
+    loaded, skipped = SwinUNETRRecA(**TINY).load_from(encoder)  # the Swin encoder alone
+    assert len(loaded) == len(ref.swinViT.state_dict())
+    assert skipped and not any(k.startswith("swinViT.") for k in skipped)  # the decoder left as initialised
+    with pytest.raises(ValueError, match="none of the given tensors"):
+        SwinUNETRRecA(**TINY).load_from({"unrelated": torch.zeros(3)})
+
+
+def test_local_weights_are_read_outside_the_network(tmp_path):
     ref = _monai(seed=3)
     path = tmp_path / "weights.pt"
     torch.save({"model": {f"module.{k}": v for k, v in ref.state_dict().items()}}, path)  # a DDP bundle checkpoint
-    net = SwinUNETRRecA(**TINY, reca=False, pretrained_path=str(path)).eval()
-    assert torch.equal(_out(net, X), _out(ref, X))
-    torch.save({k[len("swinViT.") :]: v for k, v in ref.state_dict().items() if k.startswith("swinViT.")}, path)
-    assert SwinUNETRRecA(**TINY).load_pretrained(path) == len(ref.swinViT.state_dict())  # the encoder alone
+    net = SwinUNETRRecA(**TINY, reca=False)
+    assert load_pretrained(net, str(path)) is net and torch.equal(_out(net.eval(), X), _out(ref, X))
+    assert load_pretrained(net, "") is net  # no path: as initialised
     with pytest.raises(CheckpointError, match="nothing is downloaded"):
-        SwinUNETRRecA(**TINY, pretrained_path=str(tmp_path / "missing.pt"))
+        load_pretrained(SwinUNETRRecA(**TINY), tmp_path / "missing.pt")
     torch.save({"unrelated": torch.zeros(3)}, path)
-    with pytest.raises(CheckpointError, match="none of its tensors"):
-        SwinUNETRRecA(**TINY, pretrained_path=str(path))
+    with pytest.raises(CheckpointError, match="none of the given tensors"):
+        load_pretrained(SwinUNETRRecA(**TINY), path)
 
 
 @pytest.mark.parametrize("reca", [False, True])
@@ -161,21 +174,23 @@ ROI = ["--roi_size", "[64,64]"]
 def test_override_trains_infers_in_the_inputs_geometry_and_exports(tmp_path, name, reca):
     """One epoch on the embedded synthetic data, inference on its test cases, TorchScript export
     (traced, as MONAI's ckpt_export does; MONAI's SwinUNETR does not script in 2D)."""
-    run_bundle("training", ["train", name], tmp_path, *ROI, "--max_epochs", "1", "--train#slices_per_volume", "2",
-               tiny=False)  # fmt: skip
-    weights = tmp_path / "models" / name / "model.pt"
+    config, ckpt_dir = f"comparison/{name}", tmp_path / "models" / name
+    run_bundle("training", ["train", config], tmp_path, *ROI, "--max_epochs", "1", "--train#slices_per_volume", "2",
+               "--ckpt_dir", str(ckpt_dir), "--output_dir", str(tmp_path / "eval" / name), tiny=False)  # fmt: skip
+    weights = ckpt_dir / "model.pt"
     assert weights.is_file() and not (tmp_path / "models" / "model.pt").exists()  # its own folder
     net = SwinUNETRRecA(1, 4, feature_size=12, depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8), reca=reca).eval()
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     assert _count(net) == 1_695_806  # the preset the model card states
 
-    run_bundle("inference", ["inference", name], tmp_path, *ROI, "--output_dir", str(tmp_path / "segs"), tiny=False)
+    run_bundle("inference", ["inference", config], tmp_path, *ROI, "--ckpt_dir", str(ckpt_dir),
+               "--output_dir", str(tmp_path / "segs"), tiny=False)  # fmt: skip
     assert_segmentations_in_inputs_geometry(tmp_path, tmp_path / "segs")
 
     ts = tmp_path / "model.ts"
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
            "--ckpt_file", str(weights), "--meta_file", str(CONFIGS / "metadata.json"),
-           "--config_file", json.dumps([str(CONFIGS / "inference.json"), str(CONFIGS / f"{name}.json")]),
+           "--config_file", json.dumps(config_files("inference", config)),
            "--bundle_root", str(tmp_path), "--input_shape", "[1, 1, 64, 64]", "--use_trace", "True"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -5,7 +5,8 @@
 - :mod:`.locks`: :func:`lock_ckpt_dir`, :func:`lock_output_dir`: one run per ``ckpt_dir`` and per
   ``output_dir``.
 - :mod:`.loading`: :func:`load_checkpoint`, :func:`check_weights`: a file loaded safely
-  (``weights_only``) and matched against the network before a run starts.
+  (``weights_only``) and matched against the network before a run starts;
+  :func:`load_pretrained`: local weights into a network's ``load_from``.
 - :mod:`.runs`: :func:`resume_checkpoint`, :func:`earlier_run`: ``--resume`` continues the run
   it finds; a new run never starts over an unfinished one.
 - :mod:`.record`: :class:`RunRecord`, saved in ``model.pt``: the network and its arguments, the
@@ -15,7 +16,7 @@
 """
 
 from mgrad_net.checkpoints.describe import network_from_record, recorded, recorded_network, run_record
-from mgrad_net.checkpoints.loading import check_weights, load_checkpoint
+from mgrad_net.checkpoints.loading import check_weights, load_checkpoint, load_pretrained
 from mgrad_net.checkpoints.locks import (
     LOCK_NAME,
     lock_ckpt_dir,
@@ -40,6 +41,7 @@ __all__ = [
     "unlock_ckpt_dir",
     "unlock_output_dir",
     "load_checkpoint",
+    "load_pretrained",
     "check_weights",
     "resume_checkpoint",
     "earlier_run",

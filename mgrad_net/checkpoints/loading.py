@@ -14,8 +14,9 @@ from typing import Any, Mapping
 import torch
 
 from mgrad_net.errors import CheckpointError
+from mgrad_net.io import read_pretrained_state
 
-__all__ = ["load_checkpoint", "check_weights", "mismatch"]
+__all__ = ["load_checkpoint", "load_pretrained", "check_weights", "mismatch"]
 
 
 def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
@@ -58,6 +59,35 @@ def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"{what} {path} holds a {type(state).__name__}, not a dict of state dicts.")
     return state
+
+
+def load_pretrained(network: torch.nn.Module, path: str | os.PathLike | None) -> torch.nn.Module:
+    """``network`` with the tensors of the local weights file ``path`` that match it by name and
+    shape, through the network's own ``load_from(state_dict)`` (SwinUNETRRecA, Hi-gMISnet); the
+    network itself reads no file. ``path`` empty or ``None``: ``network`` unchanged. A config can
+    call it, e.g. ``--network "$mgrad_net.checkpoints.load_pretrained(@network_def, '/w.pt').to(@device)"``.
+
+    The file holds a state dict, bare or under ``model`` / ``state_dict``; DistributedDataParallel's
+    ``module.`` prefixes are dropped. Nothing is ever downloaded.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, the network has no ``load_from``, or
+            none of the file's tensors fits the network.
+    """
+    if path is None or not str(path):
+        return network
+    target = _unwrap(network)
+    if not callable(getattr(target, "load_from", None)):
+        raise CheckpointError(f"{type(target).__name__} has no load_from(state_dict): weights {path} not loaded.")
+    state = read_pretrained_state(path)
+    try:
+        loaded, skipped = target.load_from(state)
+    except ValueError as err:
+        raise CheckpointError(f"pretrained weights {path}: {err}") from err
+    logging.getLogger("mgrad_net").info(
+        "pretrained weights %s: %d tensors loaded, %d left as initialised", path, len(loaded), len(skipped)
+    )
+    return network
 
 
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:

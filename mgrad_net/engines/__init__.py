@@ -3,14 +3,13 @@
 MONAI's ``SupervisedTrainer`` takes an ``iteration_update(engine, batchdata)`` that replaces its
 default iteration; every network brings such a step and the bundle's one trainer runs it.
 
-- :mod:`.supervised`: MGRAD-UNet's feedback step and the trainer, the training budget, autocast.
-- :mod:`.diffusion`: MedSegDiff's batch (the label noised, the image the condition) for MONAI's DiffusionInferer.
-- :mod:`.adversarial`: Hi-gMISnet's pGAN step (discriminators, then generators), its losses, one LR schedule over
-  several optimizers.
+- :mod:`.supervised`: MGRAD-UNet's feedback step (one plain step a batch for a network without
+  feedback) and the trainer, the training budget, autocast.
+
+The peers' own steps (MedSegDiff's batch, Hi-gMISnet's adversarial step) live with them in
+:mod:`mgrad_net.peers`.
 """
 
-from mgrad_net.engines.adversarial import AdversarialStep, HiGMISnetLoss, SchedulerGroup
-from mgrad_net.engines.diffusion import SegmentationDiffusionPrepareBatch
 from mgrad_net.engines.supervised import (
     EvaluatorAutocast,
     FeedbackStep,
@@ -23,10 +22,6 @@ from mgrad_net.engines.supervised import (
 )
 
 __all__ = [
-    "AdversarialStep",
-    "HiGMISnetLoss",
-    "SchedulerGroup",
-    "SegmentationDiffusionPrepareBatch",
     "EvaluatorAutocast",
     "FeedbackStep",
     "FeedbackTrainer",

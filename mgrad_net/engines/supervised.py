@@ -23,7 +23,7 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
-from mgrad_net.networks.mgrad_unet import MGRADOutput
+from mgrad_net.outputs import MGRADOutput
 
 __all__ = [
     "EvaluatorAutocast",
@@ -78,8 +78,10 @@ class FeedbackStep:
     Each batch gets ``passes`` passes. Pass 1 has no feedback; pass t > 1 is fed
     ``network.feedback(output)`` of pass t − 1 (λ·(G − M), detached). As in the published code,
     every pass computes its own loss and takes its own optimizer step. ``passes=1`` is plain
-    training. A network without a ``feedback`` method (a baseline swapped in through a config)
-    gets plain steps, one per pass, on the same batch.
+    training. ``passes`` means nothing to a network without a ``feedback`` method (a baseline or a
+    peer swapped in through a config): it gets one plain step a batch, whatever ``passes`` says, so
+    a config that leaves the feedback passes at MGRAD-UNet's value never trains it three times on
+    each batch.
 
     The engine output holds ``image``, ``label``, ``pred`` (the logits ``P_1 + P_2`` of the last
     pass, as an eval-mode forward would give) and ``loss`` (the mean of the passes' losses), as
@@ -103,12 +105,13 @@ class FeedbackStep:
         network = engine.network
         core = getattr(network, "module", network)  # DistributedDataParallel wraps the model
         feedback_fn = getattr(core, "feedback", None)
+        passes = self.passes if callable(feedback_fn) else 1
         scaler = engine.scaler if engine.amp and inputs.device.type == "cuda" else None
         network.train()
 
         feedback = None
         pass_losses = []
-        for t in range(self.passes):
+        for t in range(passes):
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
             extra = dict(kwargs) if feedback is None else {**kwargs, "feedback": feedback}
             with autocast(engine, inputs.device):
@@ -126,7 +129,7 @@ class FeedbackStep:
             else:
                 engine.optimizer.step()
             pass_losses.append(loss.detach())
-            if feedback_fn is not None and t + 1 < self.passes and isinstance(output, MGRADOutput):
+            if t + 1 < passes and isinstance(output, MGRADOutput):
                 feedback = feedback_fn(output)
 
         engine.state.output[Keys.LOSS] = torch.stack(pass_losses).mean()
@@ -139,7 +142,8 @@ class FeedbackTrainer(SupervisedTrainer):
     """MONAI's ``SupervisedTrainer`` running :class:`FeedbackStep` unless given another step.
 
     Args:
-        feedback_passes: passes per batch, T, of the default :class:`FeedbackStep`.
+        feedback_passes: passes per batch, T, of the default :class:`FeedbackStep` (a network
+            without feedback takes one step a batch whatever its value).
         iteration_update: a network's own training step, ``step(engine, batchdata) -> output``;
             ``None`` for ``FeedbackStep(feedback_passes)``.
         compile_loss: run ``loss_function`` under ``torch.compile`` (its inputs as plain tensors), as

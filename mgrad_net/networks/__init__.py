@@ -1,11 +1,9 @@
-"""MGRAD-UNet and its building blocks, and the peers of the comparison (SwinUNETR-RecA, Hi-gMISnet, MedSegDiff)."""
+"""MGRAD-UNet and its building blocks. The peers of the comparison live in :mod:`mgrad_net.peers`;
+the training-mode output type :class:`~mgrad_net.outputs.MGRADOutput` in :mod:`mgrad_net.outputs`."""
 
 from mgrad_net.networks.blocks import RFB, DifferentialProcess, ResidualStage
 from mgrad_net.networks.decoders import DifferentialPyramid, GRADDecoder, MSDDecoder, SideOutputs
-from mgrad_net.networks.higmisnet import HiGMISnet, HiGMISnetGenerator
-from mgrad_net.networks.medsegdiff import ConditionalEncoding, FFParser, MedSegDiff, MedSegDiffUNet
-from mgrad_net.networks.mgrad_unet import MGRADOutput, MGRADUNet
-from mgrad_net.networks.swin_unetr_reca import SwinUNETRRecA
+from mgrad_net.networks.mgrad_unet import MGRADUNet
 
 __all__ = [
     "RFB",
@@ -15,13 +13,5 @@ __all__ = [
     "GRADDecoder",
     "MSDDecoder",
     "SideOutputs",
-    "MGRADOutput",
     "MGRADUNet",
-    "SwinUNETRRecA",
-    "HiGMISnet",
-    "HiGMISnetGenerator",
-    "ConditionalEncoding",
-    "FFParser",
-    "MedSegDiff",
-    "MedSegDiffUNet",
 ]

@@ -1,7 +1,7 @@
 """MGRAD-UNet: encoder, RFBs, the two differential decoders and the gate-control feedback (eq. 7)."""
 
 import contextlib
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -11,40 +11,13 @@ from torch.utils.checkpoint import checkpoint
 
 from mgrad_net.networks.blocks import RFB, ResidualStage, conv_norm_act
 from mgrad_net.networks.decoders import GRADDecoder, MSDDecoder, SideOutputs, upsample_levels
+from mgrad_net.outputs import MGRADOutput
 
-__all__ = ["MGRADOutput", "MGRADUNet"]
+__all__ = ["MGRADUNet"]
 
 # The decoders are written for five levels (x_1..x_5), as in the paper.
 LEVELS = 5
 CHECKPOINTING = ("none", "full")
-
-
-class MGRADOutput(NamedTuple):
-    """What one training-mode pass of :class:`MGRADUNet` returns.
-
-    Lists of per-level tensors run from the finest level (full resolution) to the coarsest.
-
-    Attributes:
-        p1: logits of decoder 1 (MSD), B×K×spatial.
-        p2: logits of decoder 2 (GRAD), B×K×spatial.
-        side: the side outputs S_1..S_5 (eq. 3), each B×K×spatial at full resolution; empty when
-            the network was built with ``side_outputs=False``.
-        msd: decoder 1's features M_1..M_5 (the gates of decoder 2, and half of the feedback).
-        grad: decoder 2's features G_1..G_5 (the other half of the feedback).
-        features: the RFB features R_i the decoders saw, feedback included (R_i + F_i).
-    """
-
-    p1: torch.Tensor
-    p2: torch.Tensor
-    side: List[torch.Tensor]
-    msd: List[torch.Tensor]
-    grad: List[torch.Tensor]
-    features: List[torch.Tensor]
-
-    @property
-    def logits(self) -> torch.Tensor:
-        """The segmentation logits ``P_1 + P_2``: what the network predicts."""
-        return self.p1 + self.p2
 
 
 @contextlib.contextmanager

@@ -6,9 +6,9 @@ Segmentation with Diffusion Probabilistic Model." MIDL 2023 (arXiv:2211.00611).
 The network follows the paper (closest in public code to lucidrains' ``med-seg-diff-pytorch``, see
 ``shared/PEERS.md``), built from the blocks of MONAI's ``DiffusionModelUNet``:
 
-- :class:`FFParser`: the Feature-Frequency Parser, a learnable map on the features' spectrum (eq. 5);
-- :class:`ConditionalEncoding`: the dynamic conditional encoding's fusion of the mask features into
-  the image features at each stage (eq. 3-4), with the FF-Parser on the mask features;
+- :class:`~.blocks.FFParser`: the Feature-Frequency Parser, a learnable map on the features' spectrum (eq. 5);
+- :class:`~.blocks.ConditionalEncoding`: the dynamic conditional encoding's fusion of the mask features
+  into the image features at each stage (eq. 3-4), with the FF-Parser on the mask features;
 - :class:`MedSegDiffUNet`: the two streams sharing a timestep embedding, added at the bottleneck, and
   the decoder on the mask stream; it predicts the noise ε (eq. 2);
 - :class:`MedSegDiff`: the segmenter. In training it is the noise predictor; called on an image
@@ -38,71 +38,9 @@ from monai.networks.nets.diffusion_model_unet import (
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from monai.utils import ensure_tuple_rep
 
-__all__ = ["ConditionalEncoding", "FFParser", "MedSegDiff", "MedSegDiffUNet"]
+from mgrad_net.peers.medsegdiff.blocks import ConditionalEncoding
 
-
-class FFParser(nn.Module):
-    """The Feature-Frequency Parser (FF-Parser, eq. 5): ``m' = F⁻¹[A ⊙ F[m]]``.
-
-    ``F`` is the real FFT over the spatial axes and ``A`` a learnable real attentive map, one value
-    per channel and frequency, initialised to ones (the identity). It lets the network damp the
-    high-frequency noise of the mask features. The map has the size of the features' spectrum, so
-    the features' spatial size is fixed at construction (the bundle's ``roi_size`` at that level).
-
-    Args:
-        spatial_dims: number of spatial dimensions.
-        channels: feature channels.
-        spatial_size: the features' spatial size.
-    """
-
-    def __init__(self, spatial_dims: int, channels: int, spatial_size: Sequence[int]) -> None:
-        super().__init__()
-        self.spatial_dims = spatial_dims
-        self.spatial_size = tuple(int(s) for s in ensure_tuple_rep(spatial_size, spatial_dims))
-        spectrum = (*self.spatial_size[:-1], self.spatial_size[-1] // 2 + 1)
-        self.attentive_map = nn.Parameter(torch.ones(channels, *spectrum))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[2:]) != self.spatial_size:
-            raise ValueError(
-                f"FFParser: features of spatial size {tuple(x.shape[2:])}, but its frequency map was built for "
-                f"{self.spatial_size}; MedSegDiff takes inputs of exactly its spatial_size (the bundle's roi_size)."
-            )
-        dims = tuple(range(-self.spatial_dims, 0))
-        spectrum = torch.fft.rfftn(x.float(), dim=dims, norm="ortho")
-        out = torch.fft.irfftn(spectrum * self.attentive_map, s=self.spatial_size, dim=dims, norm="ortho")
-        return out.to(x.dtype)
-
-
-class ConditionalEncoding(nn.Module):
-    """One stage of the dynamic conditional encoding (eq. 3-4): the mask features ``m`` (after the
-    :class:`FFParser`) modulate the image features ``c`` as ``(LN(m) ⊙ LN(c)) ⊙ c``, then a
-    time-conditioned ResNet block. The result is the image stream's new features. LN is a layer norm
-    over the channels (a one-group GroupNorm). The paper's transformer on the fused map is left out
-    of the CPU preset.
-
-    Args:
-        spatial_dims: number of spatial dimensions.
-        channels: feature channels of both streams at this stage.
-        spatial_size: the stage's spatial size (for the FF-Parser).
-        temb_channels: timestep embedding channels.
-        norm_num_groups: groups of the ResNet block's GroupNorm.
-    """
-
-    def __init__(
-        self, spatial_dims: int, channels: int, spatial_size: Sequence[int], temb_channels: int, norm_num_groups: int
-    ) -> None:
-        super().__init__()
-        self.ff_parser = FFParser(spatial_dims, channels, spatial_size)
-        self.norm_mask = Norm[Norm.GROUP, spatial_dims](num_groups=1, num_channels=channels)
-        self.norm_image = Norm[Norm.GROUP, spatial_dims](num_groups=1, num_channels=channels)
-        self.block = DiffusionUNetResnetBlock(
-            spatial_dims, channels, temb_channels, channels, norm_num_groups=norm_num_groups
-        )
-
-    def forward(self, mask: torch.Tensor, image: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        fused = self.norm_mask(self.ff_parser(mask)) * self.norm_image(image) * image
-        return self.block(fused, emb)
+__all__ = ["MedSegDiff", "MedSegDiffUNet"]
 
 
 class MedSegDiffUNet(nn.Module):
@@ -234,9 +172,16 @@ class MedSegDiff(nn.Module):
     ``DDPMScheduler``) and the network predicts ε under an MSE loss; the bundle does this with MONAI's
     ``DiffusionInferer`` (``mode="concat"``), calling ``forward(cat([x_t, I]), timesteps)``.
 
-    Inference: ``forward(image)`` alone runs DDIM (MONAI's ``DDIMScheduler``, η = 0) for
-    ``num_inference_steps`` steps from ``num_ensemble`` seeded noise maps and returns the mean of the
-    members' denoised maps: per-class scores in [-1, 1] whose argmax is the label. The noise comes
+    Inference: ``forward(image)`` alone runs deterministic DDIM (Song et al., ICLR 2021, eq. 12 with
+    η = 0) for ``num_inference_steps`` steps from ``num_ensemble`` seeded noise maps and returns the
+    mean of the members' denoised maps: per-class scores in [-1, 1] whose argmax is the label. The
+    steps are :meth:`sampling_timesteps` ("trailing" spacing: T − 1 first, [999, 499] for 2 steps of
+    T = 1000), and each step moves the sample to exactly the timestep the network is called at next
+    (after the last, to ᾱ = 1); :meth:`ddim_step` does that with the noise levels ᾱ of MONAI's
+    ``DDIMScheduler`` (:attr:`sampler`). MONAI 1.6's own ``set_timesteps`` and ``step`` disagree: the
+    one spreads the steps over [T − 1, 0] (``[999, 0]``), the other moves each sample down by
+    T // N (to 499), so the network would be called at t = 0 on a sample that still carries the
+    noise of t = 499. The noise comes
     from a CPU generator seeded with ``seed`` at every call and is the same for every image of a
     batch, so one image gives the same output bit for bit whatever the device's RNG state or the
     batch it is in (on one device and dtype). So SliceInferer, the evaluator, MONAI Label and the
@@ -244,11 +189,10 @@ class MedSegDiff(nn.Module):
 
     With ``aux_head`` (see :class:`MedSegDiffUNet`) each DDIM step takes as its estimate of ``x_0``
     ``aux_blend · head + (1 − aux_blend) · x̂_0(ε)``, where ``x̂_0(ε) = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t`` is
-    the noise head's; the sampler (MONAI's DDIM with ``prediction_type="sample"``) continues from
-    the noise that estimate implies. The official code blends the head's output with the finished
-    sample; blending at every step lets the head steer the early steps, where the noise head cannot
-    read the image. ``aux_blend`` 0 is the paper's sampler, 1 samples with the head alone (an
-    ``x_0``-predicting diffusion model).
+    the noise head's; the step continues from the noise that estimate implies. The official code
+    blends the head's output with the finished sample; blending at every step lets the head steer
+    the early steps, where the noise head cannot read the image. ``aux_blend`` 0 is the paper's
+    sampler, 1 samples with the head alone (an ``x_0``-predicting diffusion model).
 
     Args:
         spatial_dims: number of spatial dimensions.
@@ -297,8 +241,8 @@ class MedSegDiff(nn.Module):
         )
         self.aux_head, self.aux_blend = bool(aux_head), float(aux_blend)
         self.noise_scheduler = DDPMScheduler(num_train_timesteps, schedule)
-        prediction = "sample" if self.aux_head else "epsilon"  # what segment() hands the sampler: x_0 or ε
-        self.sampler = DDIMScheduler(num_train_timesteps, schedule, clip_sample=True, prediction_type=prediction)
+        # the noise levels ᾱ_t of sampling (the same schedule as training's); ddim_step does the steps
+        self.sampler = DDIMScheduler(num_train_timesteps, schedule)
         self.num_classes = out_channels
         self.num_inference_steps, self.num_ensemble, self.seed = int(num_inference_steps), int(num_ensemble), int(seed)
 
@@ -311,22 +255,53 @@ class MedSegDiff(nn.Module):
             return self.unet(x, timesteps, context)
         return self.segment(x)
 
+    def sampling_timesteps(self) -> list[int]:
+        """The ``num_inference_steps`` timesteps of sampling, first to last: ``⌊T·(N − i)/N + ½⌋ − 1``
+        for i = 0 … N − 1 ("trailing" spacing, Lin et al., WACV 2024): the first is T − 1, where the
+        sample is pure noise, and no network call is spent at t = 0. ``[999, 499]`` for N = 2,
+        ``[999, 899, …, 99]`` for N = 10, every timestep for N = T (strictly decreasing for N ≤ T)."""
+        steps, n = self.sampler.num_train_timesteps, self.num_inference_steps
+        return [(2 * steps * (n - i) + n) // (2 * n) - 1 for i in range(n)]
+
+    def ddim_step(
+        self, output: torch.Tensor, t: int, t_next: int | None, sample: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One deterministic DDIM step (η = 0) from ``sample`` = x_t to ``x_{t_next}``, and the step's
+        ``x_0`` estimate (clipped to [-1, 1]): ``x_{t'} = √ᾱ_{t'} x̂_0 + √(1 − ᾱ_{t'}) ε̂`` (DDIM eq. 12).
+        ``output`` is the network's ε̂, or with ``aux_head`` its ``x_0`` estimate (then
+        ``ε̂ = (x_t − √ᾱ_t x̂_0) / √(1 − ᾱ_t)``). ``t_next`` None: the last step, onto ᾱ = 1 (the
+        scheduler's ``final_alpha_cumprod``). ε̂ is the unclipped estimate's, as in MONAI's and
+        diffusers' DDIM."""
+        alphas = self.sampler.alphas_cumprod
+        a_t = alphas[t].to(sample.device, sample.dtype)
+        a_next = (alphas[t_next] if t_next is not None else self.sampler.final_alpha_cumprod).to(
+            sample.device, sample.dtype
+        )
+        if self.aux_head:
+            x0 = output
+            eps = (sample - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        else:
+            eps = output
+            x0 = (sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x0 = x0.clamp(-1.0, 1.0)
+        return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps, x0
+
     @torch.no_grad()
     def segment(self, image: torch.Tensor) -> torch.Tensor:
         """Seeded DDIM sampling averaged over the ensemble: ``(B, out_channels, *spatial)`` scores."""
         b, shape = image.shape[0], (1, self.num_classes, *image.shape[2:])
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        self.sampler.set_timesteps(self.num_inference_steps)
+        steps = self.sampling_timesteps()
         total = torch.zeros((b, *shape[1:]), device=image.device, dtype=image.dtype)
         for _ in range(self.num_ensemble):
             sample = torch.randn(shape, generator=generator).to(image.device, image.dtype).expand(b, *shape[1:])
             denoised = sample
-            for t in self.sampler.timesteps:
-                timesteps = torch.full((b,), int(t), device=image.device, dtype=torch.long)
+            for i, t in enumerate(steps):
+                timesteps = torch.full((b,), t, device=image.device, dtype=torch.long)
                 output = self.unet(torch.cat([sample, image], dim=1), timesteps)
                 if self.aux_head:
-                    output = self.x0_estimate(output, sample, int(t))
-                sample, denoised = self.sampler.step(output, int(t), sample)
+                    output = self.x0_estimate(output, sample, t)
+                sample, denoised = self.ddim_step(output, t, steps[i + 1] if i + 1 < len(steps) else None, sample)
             total = total + denoised
         return total / self.num_ensemble
 

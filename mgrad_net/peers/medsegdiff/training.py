@@ -26,7 +26,7 @@ class SegmentationDiffusionPrepareBatch(DiffusionPrepareBatch):
     ``x_0 = 2·onehot(label) − 1`` (the multi-class extension of MedSegDiff's binary mask), ε is
     standard normal noise of its shape (the loss's target) and ``t`` uniform in ``[0, T)``. With
     ``aux_target`` the target is ``cat([ε, x_0])``, for a network with MedSegDiff's auxiliary ``x_0``
-    head and :class:`mgrad_net.losses.DiffusionSegmentationLoss`.
+    head and :class:`~.loss.DiffusionSegmentationLoss`.
 
     Args:
         num_train_timesteps: T, the noise scheduler's steps.

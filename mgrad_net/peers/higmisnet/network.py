@@ -4,15 +4,15 @@ generator and the parallel-generator segmenter, in PyTorch on MONAI blocks.
 The only public code is a TensorFlow/Keras notebook (github.com/tushartalukder/Hi-gMISnet,
 ``hi-gmisnet-training.ipynb``); this is a faithful re-implementation of its generator, extended to
 C classes, with the notebook's defects fixed (see :class:`HiGMISnet`). The adversarial training
-step (discriminators, losses, the reciprocal loss) is :mod:`mgrad_net.engines.adversarial`.
+step (discriminators) is :mod:`.step`, its losses (the reciprocal loss among them) :mod:`.loss`; the
+training-mode output types are in :mod:`mgrad_net.outputs`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Sequence
-from typing import NamedTuple, Optional, Union
+from collections.abc import Mapping, Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -22,37 +22,12 @@ from monai.networks.layers.factories import Dropout, Norm, Pool
 from monai.networks.utils import copy_model_state
 from monai.utils import look_up_option
 
-from mgrad_net.errors import CheckpointError
-from mgrad_net.io import read_pretrained_state
-from mgrad_net.networks.higmisnet_blocks import (
-    DualModeAttentionGate,
-    GateMaps,
-    HaarDWT,
-    MultiResBlock,
-    ResPath,
-    WaveletConvBlock,
-)
+from mgrad_net.outputs import GateMaps, GeneratorOutput, HiGMISnetOutput
+from mgrad_net.peers.higmisnet.blocks import DualModeAttentionGate, HaarDWT, MultiResBlock, ResPath, WaveletConvBlock
 
-__all__ = ["COMBINE_MODES", "GeneratorOutput", "HiGMISnetOutput", "HiGMISnetGenerator", "HiGMISnet", "combine_logits"]
+__all__ = ["COMBINE_MODES", "HiGMISnetGenerator", "HiGMISnet", "combine_logits"]
 
 COMBINE_MODES = ("and", "or")
-
-
-class GeneratorOutput(NamedTuple):
-    """A generator's training output: per-class ``logits`` and the attention-gate maps (logits) of
-    its shallowest ``supervised_levels`` decoder levels, shallowest first, for deep supervision."""
-
-    logits: torch.Tensor
-    maps: list
-
-
-class HiGMISnetOutput(NamedTuple):
-    """The segmenter's training output: both generators' outputs and the combined logits (what
-    eval mode returns)."""
-
-    foreground: GeneratorOutput
-    background: GeneratorOutput
-    logits: torch.Tensor
 
 
 def combine_logits(foreground: torch.Tensor, background: torch.Tensor, mode: str = "and") -> torch.Tensor:
@@ -227,7 +202,7 @@ class HiGMISnet(nn.Module):
     logits and attention maps.
 
     Defects of the notebook fixed here: the reciprocal loss passes gradients (see
-    :mod:`mgrad_net.engines.adversarial`); inference is deterministic (above); checkpoints are
+    :mod:`mgrad_net.peers.higmisnet.loss`); inference is deterministic (above); checkpoints are
     chosen on validation only (the bundle's selection; the notebook also kept the best *test*
     IoU).
 
@@ -241,10 +216,10 @@ class HiGMISnet(nn.Module):
             :class:`HiGMISnetGenerator`.
         combine: ``"and"`` (default) or ``"or"``: how eval mode combines the generators (the
             notebook picks whichever scores higher on its data).
-        pretrained_path: an optional local file of weights loaded after construction (a state
-            dict of this network, bare or under ``"model"``/``"state_dict"``, ``module.``
-            prefixes dropped; tensors matched by name and shape). Default: random initialisation;
-            nothing is ever downloaded.
+
+    Weights: random initialisation; nothing is downloaded and the network reads no file.
+    :meth:`load_from` takes a state dict already loaded (e.g. by
+    :func:`mgrad_net.checkpoints.load_pretrained`).
     """
 
     size_divisor = HiGMISnetGenerator.size_divisor
@@ -260,7 +235,6 @@ class HiGMISnet(nn.Module):
         dropout: float = 0.5,
         supervised_levels: int = 3,
         combine: str = "and",
-        pretrained_path: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         super().__init__()
         kwargs = dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, features=features,
@@ -270,25 +244,22 @@ class HiGMISnet(nn.Module):
         self.background = HiGMISnetGenerator(**kwargs)
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         self.combine = look_up_option(combine, COMBINE_MODES)
-        if pretrained_path is not None and str(pretrained_path):
-            self.load_pretrained(pretrained_path)
 
-    def load_pretrained(self, path: Union[str, os.PathLike]) -> int:
-        """Load the tensors of the local file ``path`` that match by name and shape; returns how many.
+    def load_from(self, weights: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Copy the tensors of the state dict ``weights`` that match this network by name and shape
+        (as MONAI's ``SwinUNETR.load_from`` takes its weights already loaded); the rest of the network
+        keeps its initialisation. Returns the names loaded and this network's names left as they were.
 
         Raises:
-            CheckpointError: the file is missing or unreadable, or none of its tensors fits.
+            ValueError: none of the tensors fits this network.
         """
-        state = read_pretrained_state(path)
-        _, loaded, skipped = copy_model_state(self, state, inplace=True)
+        _, loaded, skipped = copy_model_state(self, dict(weights), inplace=True)
         if not loaded:
-            raise CheckpointError(
-                f"pretrained_path {path!r}: none of its tensors matches this network by name and shape."
-            )
+            raise ValueError("load_from: none of the given tensors matches this network by name and shape.")
         logging.getLogger("mgrad_net").info(
-            "pretrained_path %s: %d tensors loaded, %d left as initialised", path, len(loaded), len(skipped)
+            "%s.load_from: %d tensors loaded, %d left as initialised", type(self).__name__, len(loaded), len(skipped)
         )
-        return len(loaded)
+        return list(loaded), list(skipped)
 
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:

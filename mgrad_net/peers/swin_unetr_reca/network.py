@@ -9,8 +9,7 @@ from block to block (the subclasses below add no parameters and no buffers). Eve
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Optional, Tuple, Union
 
 import torch
@@ -28,9 +27,6 @@ from monai.networks.nets.swin_unetr import (
 )
 from monai.networks.utils import copy_model_state
 from monai.utils import look_up_option
-
-from mgrad_net.errors import CheckpointError
-from mgrad_net.io import read_pretrained_state
 
 __all__ = ["RECA_MODES", "RecAWindowAttention", "RecASwinTransformerBlock", "RecABasicLayer", "SwinUNETRRecA"]
 
@@ -200,10 +196,10 @@ class SwinUNETRRecA(SwinUNETR):
         use_checkpoint: gradient checkpointing of the transformer blocks.
         downsample: ``"merging"`` or ``"mergingv2"`` (MONAI's patch merging variants).
         use_v2: SwinUNETR-v2 (a residual convolution block before each stage).
-        pretrained_path: an optional local file of weights loaded after construction: a state
-            dict of this network or of MONAI's SwinUNETR (bare, or under ``"model"`` or
-            ``"state_dict"``; a ``module.`` prefix is dropped), or of its Swin encoder alone.
-            Tensors are matched by name and shape; nothing is ever downloaded.
+
+    Weights: MONAI's initialisation; nothing is downloaded and the network reads no file.
+    :meth:`load_from` takes a state dict already loaded (e.g. by
+    :func:`mgrad_net.checkpoints.load_pretrained`).
     """
 
     size_divisor = 32
@@ -229,7 +225,6 @@ class SwinUNETRRecA(SwinUNETR):
         use_checkpoint: bool = False,
         downsample: str = "merging",
         use_v2: bool = False,
-        pretrained_path: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         super().__init__(
             in_channels=in_channels,
@@ -262,22 +257,25 @@ class SwinUNETRRecA(SwinUNETR):
                     block.__class__ = RecASwinTransformerBlock
                     block.reca_mode = self.reca_mode
                     block.attn.__class__ = RecAWindowAttention
-        if pretrained_path is not None and str(pretrained_path):
-            self.load_pretrained(pretrained_path)
 
     def stages(self) -> list:
         """The four Swin stages (MONAI's ``BasicLayer``), shallowest first."""
         vit = self.swinViT
         return [vit.layers1[0], vit.layers2[0], vit.layers3[0], vit.layers4[0]]
 
-    def load_pretrained(self, path: Union[str, os.PathLike]) -> int:
-        """Load the tensors of the local file ``path`` that match this network by name and shape
-        (see ``pretrained_path``); returns how many were loaded.
+    def load_from(self, weights: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:  # type: ignore[override]
+        """Copy the tensors of the state dict ``weights`` that match this network by name and shape; the
+        rest keeps its initialisation. Returns the names loaded and this network's names left as they were.
+
+        ``weights`` is a state dict of this network or of MONAI's SwinUNETR, or of its Swin encoder
+        alone (keys without ``swinViT.``; timm's ``mlp.fc1``/``mlp.fc2`` names are mapped to MONAI's
+        ``mlp.linear1``/``mlp.linear2``). MONAI's ``SwinUNETR.load_from`` takes the 3D self-supervised
+        checkpoint's ``{"state_dict": …}`` instead; this one takes any such state dict, already loaded.
 
         Raises:
-            CheckpointError: the file is missing or unreadable, or none of its tensors fits.
+            ValueError: none of the tensors fits this network.
         """
-        state = read_pretrained_state(path)
+        state = dict(weights)
         if not any(k.startswith("swinViT.") for k in state):  # the Swin encoder alone
             rename = {".mlp.fc1.": ".mlp.linear1.", ".mlp.fc2.": ".mlp.linear2."}
             for old, new in rename.items():
@@ -285,16 +283,14 @@ class SwinUNETRRecA(SwinUNETR):
             state = {f"swinViT.{k}": v for k, v in state.items()}
         _, loaded, skipped = copy_model_state(self, state, inplace=True)
         if not loaded:
-            raise CheckpointError(
-                f"pretrained_path {path!r}: none of its tensors matches this network by name and shape."
-            )
+            raise ValueError("load_from: none of the given tensors matches this network by name and shape.")
         logging.getLogger("mgrad_net").info(
-            "pretrained_path %s: %d tensors loaded, %d of this network's left as initialised",
-            path,
+            "%s.load_from: %d tensors loaded, %d of this network's left as initialised",
+            type(self).__name__,
             len(loaded),
             len(skipped),
         )
-        return len(loaded)
+        return list(loaded), list(skipped)
 
     @torch.jit.unused
     def _check_input_size(self, spatial_shape: Sequence[int]) -> None:

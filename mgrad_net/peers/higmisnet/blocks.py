@@ -17,8 +17,6 @@ Everything trainable is made of MONAI's ``Convolution`` blocks, ``Norm``/``Act``
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,7 +24,9 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Act, Norm
 from monai.networks.nets.attentionunet import AttentionBlock
 
-__all__ = ["HaarDWT", "WaveletConvBlock", "MultiResBlock", "ResPath", "GateMaps", "DualModeAttentionGate"]
+from mgrad_net.outputs import GateMaps
+
+__all__ = ["HaarDWT", "WaveletConvBlock", "MultiResBlock", "ResPath", "DualModeAttentionGate"]
 
 
 def _check_2d(spatial_dims: int, name: str) -> None:
@@ -194,14 +194,6 @@ class ResPath(nn.Module):
         return x
 
 
-class GateMaps(NamedTuple):
-    """The two attention maps of a :class:`DualModeAttentionGate`, as logits (``sigmoid`` gives
-    the maps): ``additive`` for σ(ψ(ReLU(θx + φg))), ``subtractive`` for 1 − σ(ψ(ReLU(θx − φg)))."""
-
-    additive: torch.Tensor
-    subtractive: torch.Tensor
-
-
 class DualModeAttentionGate(nn.Module):
     """The dual-mode attention gate (DAG) of Hi-gMISnet's decoder.
 
@@ -211,7 +203,10 @@ class DualModeAttentionGate(nn.Module):
         α = σ(ψ(ReLU(θ·x₁ + φ·g₁))),    y₁ = α · x₁,
 
     computed by MONAI's :class:`~monai.networks.nets.attentionunet.AttentionBlock` (θ = ``W_x``,
-    φ = ``W_g``, ψ = ``psi``; ``y₁`` is exactly that block's output). The second halves get the
+    φ = ``W_g``, ψ = ``psi``; ``y₁`` is exactly that block's output). ψ is the notebook's, a 1×1
+    convolution to one channel and the sigmoid: MONAI's block puts a BatchNorm between the two,
+    which is taken out here (θ and φ keep MONAI's conv + BN), so the deep-supervised map is
+    σ(conv(·)) as in the notebook. The second halves get the
     subtractive (background) gate, built from a second ``AttentionBlock``'s θ, φ, ψ:
 
         β = 1 − σ(ψ(ReLU(θ·x₂ − φ·g₂))),    y₂ = β · x₂,
@@ -247,6 +242,9 @@ class DualModeAttentionGate(nn.Module):
         self.subtractive = AttentionBlock(
             spatial_dims, f_int=inter, f_g=gate_channels - self.g_split, f_l=skip_channels - self.x_split
         )
+        for block in (self.additive, self.subtractive):  # ψ: conv → sigmoid, without MONAI's BatchNorm
+            conv, _, sigmoid = block.psi
+            block.psi = nn.Sequential(conv, sigmoid)
         self.mix = Convolution(spatial_dims, skip_channels, skip_channels, kernel_size=1, norm=Norm.BATCH, act=Act.RELU)
 
     @staticmethod
