@@ -83,7 +83,8 @@ def main(
     chosen = [v.strip() for v in str(variants).split(",") if v.strip()]
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown or not chosen:
-        raise SystemExit(f"unknown variant(s) {', '.join(unknown) or '(none given)'}: --variants takes {', '.join(VARIANTS)}")
+        given = ", ".join(unknown) or "(none given)"
+        raise SystemExit(f"unknown variant(s) {given}: --variants takes {', '.join(VARIANTS)}")
     root.mkdir(parents=True, exist_ok=True)
     if benchmark:
         bench = [sys.executable, str(REPO / "scripts" / "benchmark.py"), *shlex.split(benchmark),

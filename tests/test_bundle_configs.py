@@ -52,7 +52,8 @@ def test_metadata_passes_the_model_zoo_schema():
     assert meta["version"] in meta["changelog"]
     fmt = meta["network_data_format"]
     assert set(fmt["inputs"]) == {"image"} and set(fmt["outputs"]) == {"pred"}
-    assert list(fmt["outputs"]["pred"]["channel_def"].values()) == _parser("inference").get_parsed_content("class_names")
+    classes = _parser("inference").get_parsed_content("class_names")
+    assert list(fmt["outputs"]["pred"]["channel_def"].values()) == classes
 
 
 _CHECK = """

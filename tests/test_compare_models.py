@@ -62,9 +62,8 @@ def test_network_size_counts_what_the_bundle_runs_at_inference():
 def test_every_rows_configs_merge_after_inference_json_as_its_timing_reads_them(name, tmp_path):
     # the inference seconds run inference.json + the row's configs: a training-only key (train#...)
     # in them fails there, after the row's evaluation has already run
-    from monai.bundle import ConfigParser
-
     from compare_models import _inference_only
+    from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     kept = _inference_only(ROWS[name].overrides, tmp_path)

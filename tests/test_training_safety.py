@@ -24,7 +24,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from mgrad_net.checkpoints import LOCK_NAME, check_weights, lock_ckpt_dir, unlock_ckpt_dir
+from mgrad_net.checkpoints import LOCK_NAME, lock_ckpt_dir, unlock_ckpt_dir
 from mgrad_net.data import write_phantom_dataset
 from mgrad_net.errors import find_user_error
 from mgrad_net.handlers import read_training_log

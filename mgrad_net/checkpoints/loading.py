@@ -176,11 +176,7 @@ def check_weights(
     """
     state = load_checkpoint(path, what)
     saved = state["model"] if "model" in state else state
-    problem = (
-        mismatch(Path(path), saved, network)
-        if isinstance(saved, Mapping)
-        else f"{path} holds no state dict."
-    )
+    problem = mismatch(Path(path), saved, network) if isinstance(saved, Mapping) else f"{path} holds no state dict."
     if problem and new_classes and _classes_only(saved, network):
         skipped = [k for k, v in _unwrap(network).state_dict().items() if tuple(saved[k].shape) != tuple(v.shape)]
         logging.getLogger("mgrad_net").warning(

@@ -57,9 +57,7 @@ def earlier_run(ckpt_dir: str | os.PathLike, discard_unfinished: bool = False) -
     return found
 
 
-def resume_checkpoint(
-    ckpt_dir: str | os.PathLike, network: torch.nn.Module | None = None
-) -> str:
+def resume_checkpoint(ckpt_dir: str | os.PathLike, network: torch.nn.Module | None = None) -> str:
     """The newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` that loads, for ``--resume``.
 
     A newer one that is empty, truncated or unreadable (a kill or a full disk while it was written

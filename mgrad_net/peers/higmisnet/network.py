@@ -185,7 +185,7 @@ class HiGMISnet(nn.Module):
 
     Two :class:`HiGMISnetGenerator` of the same architecture: ``foreground`` predicts the mask,
     ``background`` its complement. Their PatchGAN discriminators and the losses live in
-    :mod:`mgrad_net.engines.adversarial`; they are needed for training only.
+    :mod:`mgrad_net.peers.higmisnet.step`; they are needed for training only.
 
     Multi-class extension (the paper and notebook segment one foreground class): the foreground
     generator predicts C classes (softmax over C logits, background class included); the
