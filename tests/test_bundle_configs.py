@@ -232,7 +232,9 @@ def test_train_json_defines_the_model_exactly_as_inference_json():
     # alone, hold the model; every id the two define must be the same, to the letter
     inference = json.loads((CONFIGS / "inference.json").read_text())
     train = json.loads((CONFIGS / "train.json").read_text())
-    common = set(inference) & set(train) - {"_desc_", "imports", "initialize", "run"}
+    # record_path: the weights whose record sizes the model; inference's ckpt_path, training's only
+    # when it fine-tunes (a new run builds its config, whatever ckpt_dir holds)
+    common = set(inference) & set(train) - {"_desc_", "imports", "initialize", "run", "record_path"}
     assert SHARED <= common
     assert {k: train[k] for k in common} == {k: inference[k] for k in common}
     assert set(inference["imports"]) <= set(train["imports"])
