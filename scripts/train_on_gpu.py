@@ -61,7 +61,7 @@ def main(
     minutes: float,
     out_dir: str,
     dataset_dir: str,
-    variants: str = "recipe,full_size",
+    variants: str | tuple = "recipe,full_size",
     benchmark: str = "--parts=eval,train --size=224 --batch=8 --rounds=1",
     overrides: str = "",
 ) -> None:
@@ -80,7 +80,8 @@ def main(
     root = Path(out_dir).resolve()
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise SystemExit(f"{root} exists and is not an empty folder: give a new --out_dir (nothing is overwritten)")
-    chosen = [v.strip() for v in str(variants).split(",") if v.strip()]
+    names = variants.split(",") if isinstance(variants, str) else map(str, variants)  # fire reads "a,b" as a tuple
+    chosen = [v.strip() for v in names if v.strip()]
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown or not chosen:
         given = ", ".join(unknown) or "(none given)"
