@@ -19,7 +19,7 @@ from mgrad_net.checkpoints.loading import load_checkpoint
 from mgrad_net.checkpoints.saving import read_records
 from mgrad_net.errors import CheckpointError
 
-__all__ = ["run_record", "recorded", "recorded_network", "network_from_record", "fits"]
+__all__ = ["run_record", "recorded", "recorded_network", "network_from_record"]
 
 # where a record's network class may come from: nothing else is imported on a file's word
 NETWORK_MODULES = ("mgrad_net.", "monai.networks.nets.")
@@ -43,19 +43,9 @@ def recorded(path: str | os.PathLike | None, key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def fits(path: str | os.PathLike, network: torch.nn.Module, classes: bool = True) -> bool:
-    """Whether the weights in ``path`` load into ``network``: the same names and shapes (with
-    ``classes`` false, shapes may also differ in their first dimension, the number of classes)."""
-    from mgrad_net.checkpoints.loading import _classes_only
-
+def _saved_weights(path: str | os.PathLike) -> Mapping[str, Any]:
     state = load_checkpoint(path, "weights")
-    saved = state["model"] if "model" in state else state
-    expected = getattr(network, "module", network).state_dict()
-    if not classes:
-        return _classes_only(saved, network)
-    return set(saved) == set(expected) and all(
-        tuple(saved[k].shape) == tuple(v.shape) for k, v in expected.items() if torch.is_tensor(saved[k])
-    )
+    return state["model"] if "model" in state else state
 
 
 def network_from_record(record: Mapping[str, Any], where: str = "the checkpoint") -> torch.nn.Module:
@@ -94,19 +84,24 @@ def recorded_network(
     """
 
     def build(**kwargs: Any) -> torch.nn.Module:
+        from mgrad_net.checkpoints.loading import _classes_only as fits  # same names, shapes but for the classes
+
         network = component(**kwargs)
         record = run_record(path)
-        if not record.get("network") or fits(path, network, classes=False):
+        if not record.get("network"):
+            return network
+        saved = _saved_weights(path)  # read once: every candidate below is matched against it
+        if fits(saved, network):
             return network
         args = dict(record["network_args"])
         args.update({k: kwargs[k] for k in ("out_channels",) if k in kwargs})
         rebuilt = network_from_record({**record, "network_args": args}, str(path))
-        if not fits(path, rebuilt, classes=False):
+        if not fits(saved, rebuilt):
             return network  # the record does not describe these weights: check_weights names the mismatch
         for key, value in kwargs.items():  # one argument at a time, where the weights still fit
             if key not in args or args[key] != value:
                 trial = network_from_record({**record, "network_args": {**args, key: value}}, str(path))
-                if fits(path, trial, classes=False):
+                if fits(saved, trial):
                     args, rebuilt = {**args, key: value}, trial
         logging.getLogger("mgrad_net").warning(
             "%s holds a %s built with %s (its record), not this config's network: built that one",
